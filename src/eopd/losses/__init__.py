@@ -1,0 +1,68 @@
+"""Pure loss functions for on-policy distillation (math in float32, NaN-safe masking).
+
+``divergences`` (token-level divergences on full logits), ``sampled`` (estimators on sampled tokens),
+``weights`` (entropy weighting, adaptive tau), ``objectives`` (the composed objective and its presets),
+``fused`` (the chunked lm_head + loss path that never materialises ``[N, V]``).
+"""
+
+from eopd.losses.divergences import (
+    adaptive_kl,
+    entropy,
+    forward_kl,
+    gather_log_probs,
+    generalized_jsd,
+    kl_from_log_probs,
+    log_probs,
+    reverse_kl,
+    skew_forward_kl,
+    skew_reverse_kl,
+    todi,
+    topk_forward_kl,
+    topk_forward_kl_with_tail,
+    total_variation,
+)
+from eopd.losses.objectives import (
+    PRESETS,
+    ObjectiveConfig,
+    ObjectiveOutput,
+    TokenBatch,
+    TokenWeights,
+    objective,
+    prepare_weights,
+    summarize,
+    token_losses,
+)
+from eopd.losses.sampled import importance_weighted_fkl, ppo_clipped_surrogate, sampled_rkl_advantage
+from eopd.losses.weights import AdaptiveTau, entropy_quantile, entropy_weight
+
+__all__ = [
+    "PRESETS",
+    "AdaptiveTau",
+    "ObjectiveConfig",
+    "ObjectiveOutput",
+    "TokenBatch",
+    "TokenWeights",
+    "adaptive_kl",
+    "entropy",
+    "entropy_quantile",
+    "entropy_weight",
+    "forward_kl",
+    "gather_log_probs",
+    "generalized_jsd",
+    "importance_weighted_fkl",
+    "kl_from_log_probs",
+    "log_probs",
+    "objective",
+    "ppo_clipped_surrogate",
+    "prepare_weights",
+    "reverse_kl",
+    "sampled_rkl_advantage",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "summarize",
+    "todi",
+    "token_losses",
+    "topk_forward_kl",
+    "topk_forward_kl_with_tail",
+    "total_variation",
+]

@@ -1,0 +1,471 @@
+"""The composed distillation objective and its named presets.
+
+Every preset is one instance of the general per-token form
+
+    L_t = w_R(H_t) * RKL_t + w_F(H_t) * FKL_t          (averaged over valid tokens)
+
+where ``H_t`` is the teacher's full-vocabulary entropy and the weights come from ``weights.entropy_weight``:
+
+- additive:  ``w_R = 1``,      ``w_F = alpha * g(H_t)``   (official EOPD: g = 1[H >= tau])
+- mixture:   ``w_R = 1 - w_F``, ``w_F = lam * g(H_t)``     (the design doc's (1 - lambda) RKL + lambda FKL)
+
+``RKL_t`` is either the PPO-clipped surrogate on the sampled token (``ppo``, the OPD base, advantage
+``log p_T(y_t) - log q_old(y_t)``) or the exact full-vocabulary reverse KL (``exact``). ``FKL_t`` is the
+official top-k estimate (``topk``), top-k plus a tail bucket (``topk_tail``), the exact full-vocabulary value
+(``exact``) or an importance-weighted estimate on the sampled token (``importance``). Presets that are a
+single other divergence (GKD's JSD, DistiLLM's skew KLs, AKL, ToDi, TVD) set ``divergence`` instead.
+
+The pieces are split so the fused chunked path can reuse them: ``prepare_weights`` (teacher-only, whole
+batch: thresholds, random placement), ``token_losses`` (per token, any chunk of positions) and
+``summarize`` (metrics). ``objective`` chains the three on full logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from eopd.losses import divergences as D
+from eopd.losses.sampled import importance_weighted_fkl, ppo_clipped_surrogate, sampled_rkl_advantage
+from eopd.losses.weights import SCHEDULES, entropy_quantile, entropy_weight
+
+Tensor = torch.Tensor
+
+RKL_KINDS = ("ppo", "exact", "none")
+FKL_KINDS = ("topk", "topk_tail", "exact", "importance", "none")
+DIVERGENCES = ("jsd", "skew_fkl", "skew_rkl", "akl", "todi", "tvd")
+WEIGHTINGS = ("additive", "mixture")
+PLACEMENTS = ("entropy", "all", "random")
+
+
+@dataclass
+class ObjectiveConfig:
+    """One distillation objective. Build it from a preset: ``ObjectiveConfig.preset("eopd", tau=1.0)``."""
+
+    name: str = field(default="eopd", metadata={"help": "preset name this config came from (for logs)"})
+    rkl: str = field(default="ppo", metadata={"help": "reverse-KL term: ppo | exact | none"})
+    fkl: str = field(default="topk", metadata={"help": "forward-KL term: topk | topk_tail | exact | importance | none"})
+    divergence: str | None = field(
+        default=None, metadata={"help": "use a single divergence instead: jsd | skew_fkl | skew_rkl | akl | todi | tvd"}
+    )
+    weighting: str = field(default="additive", metadata={"help": "additive (1, alpha*g) or mixture (1-lam*g, lam*g)"})
+    schedule: str = field(default="step", metadata={"help": "g(H): step | sigmoid | linear | constant"})
+    placement: str = field(
+        default="entropy", metadata={"help": "which tokens get FKL: entropy (g(H)) | all | random (same share)"}
+    )
+    tau: float = field(default=0.8, metadata={"help": "entropy threshold / sigmoid centre, nats"})
+    adaptive_share: float | None = field(
+        default=None, metadata={"help": "if set, tau tracks this share of gated tokens (quantile, EMA)"}
+    )
+    adaptive_momentum: float = field(default=0.9, metadata={"help": "EMA factor of the adaptive tau"})
+    width: float = field(default=0.1, metadata={"help": "sigmoid width, nats"})
+    h_low: float = field(default=0.4, metadata={"help": "linear ramp start, nats"})
+    h_high: float = field(default=1.2, metadata={"help": "linear ramp end, nats"})
+    alpha: float = field(default=1.0, metadata={"help": "FKL coefficient in the additive form"})
+    lam: float = field(default=1.0, metadata={"help": "max FKL share in the mixture form"})
+    top_k: int = field(default=16, metadata={"help": "teacher top-k ids for topk FKL"})
+    clip_eps: float = field(default=0.2, metadata={"help": "PPO clip epsilon"})
+    beta: float = field(default=0.5, metadata={"help": "GKD generalized-JSD beta (0 = FKL, 1 = RKL)"})
+    skew_alpha: float = field(default=0.1, metadata={"help": "DistiLLM skew alpha"})
+    akl_mu: float = field(default=0.5, metadata={"help": "AKL head mass"})
+    todi_beta: float = field(default=1.0, metadata={"help": "ToDi sigmoid scale"})
+    is_max_weight: float | None = field(default=None, metadata={"help": "truncate importance weights (biased)"})
+    temperature: float = field(default=1.0, metadata={"help": "divides both models' logits; = sampling temperature"})
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.rkl in RKL_KINDS, f"rkl must be one of {RKL_KINDS}, got {self.rkl!r}"),
+            (self.fkl in FKL_KINDS, f"fkl must be one of {FKL_KINDS}, got {self.fkl!r}"),
+            (self.divergence is None or self.divergence in DIVERGENCES,
+             f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}"),
+            (self.weighting in WEIGHTINGS, f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
+            (self.placement in PLACEMENTS, f"placement must be one of {PLACEMENTS}, got {self.placement!r}"),
+            (self.tau >= 0, f"tau must be >= 0 (nats), got {self.tau}"),
+            (self.adaptive_share is None or 0 < self.adaptive_share < 1,
+             f"adaptive_share must be in (0, 1), got {self.adaptive_share}"),
+            (0 <= self.adaptive_momentum < 1, f"adaptive_momentum must be in [0, 1), got {self.adaptive_momentum}"),
+            (self.width > 0, f"width must be > 0, got {self.width}"),
+            (self.h_high > self.h_low, f"h_high must exceed h_low, got {self.h_low}..{self.h_high}"),
+            (self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}"),
+            (0 <= self.lam <= 1, f"lam must be in [0, 1], got {self.lam}"),
+            (self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}"),
+            (self.clip_eps >= 0, f"clip_eps must be >= 0, got {self.clip_eps}"),
+            (0 <= self.beta <= 1, f"beta must be in [0, 1], got {self.beta}"),
+            (0 <= self.skew_alpha < 1, f"skew_alpha must be in [0, 1), got {self.skew_alpha}"),
+            (0 < self.akl_mu <= 1, f"akl_mu must be in (0, 1], got {self.akl_mu}"),
+            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+            (self.divergence is not None or self.rkl != "none" or self.fkl != "none",
+             "objective has no term: set rkl, fkl or divergence"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"objective {self.name!r}: {message}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> ObjectiveConfig:
+        """A named preset (see ``PRESETS``) with optional field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown objective {name!r}; choose one of: {', '.join(PRESETS)}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown objective field(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**{**PRESETS[name], "name": name, **overrides})
+
+    # What the teacher must provide -------------------------------------------------------------
+    @property
+    def needs_teacher_logits(self) -> bool:
+        """Full-vocabulary teacher logits (exact terms and single divergences)."""
+        return self.divergence is not None or self.rkl == "exact" or self.fkl == "exact"
+
+    @property
+    def needs_topk(self) -> bool:
+        """Teacher top-k ids and log-probs."""
+        return self.divergence is None and self.fkl in ("topk", "topk_tail")
+
+    @property
+    def needs_logp_old(self) -> bool:
+        """Sampler log-probs of the sampled tokens."""
+        return self.divergence is None and (self.rkl == "ppo" or self.fkl == "importance")
+
+    def replace(self, **changes) -> ObjectiveConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, dict] = {
+    # OPD base: PPO-clipped reverse KL on sampled tokens.
+    "opd": {"rkl": "ppo", "fkl": "none"},
+    # Official EOPD: OPD + alpha * 1[H >= tau] * topk-FKL, normalised by N_valid. tau 0.8, k 16, alpha 1.
+    "eopd": {"rkl": "ppo", "fkl": "topk", "weighting": "additive", "schedule": "step", "tau": 0.8,
+             "top_k": 16, "alpha": 1.0},
+    # The design doc's (1 - lambda(H)) RKL + lambda(H) FKL, exact terms, sigmoid lambda.
+    "mixture": {"rkl": "exact", "fkl": "exact", "weighting": "mixture", "schedule": "sigmoid", "tau": 0.8,
+                "width": 0.1, "lam": 1.0},
+    "rkl": {"rkl": "exact", "fkl": "none"},
+    "fkl": {"rkl": "none", "fkl": "exact", "schedule": "constant"},
+    "fixed_mix": {"rkl": "exact", "fkl": "exact", "weighting": "mixture", "schedule": "constant", "lam": 0.5},
+    # Placement ablations of the paper: FKL on every token / on a random share equal to the gated share.
+    "fkl_all": {"rkl": "ppo", "fkl": "topk", "placement": "all", "tau": 0.8, "top_k": 16, "alpha": 1.0},
+    "fkl_random": {"rkl": "ppo", "fkl": "topk", "placement": "random", "tau": 0.8, "top_k": 16, "alpha": 1.0},
+    "jsd": {"divergence": "jsd", "beta": 0.5},
+    "skew_fkl": {"divergence": "skew_fkl", "skew_alpha": 0.1},
+    "skew_rkl": {"divergence": "skew_rkl", "skew_alpha": 0.1},
+    "akl": {"divergence": "akl", "akl_mu": 0.5},
+    "todi": {"divergence": "todi", "todi_beta": 1.0},
+    "tvd": {"divergence": "tvd"},
+}
+
+
+@dataclass
+class TokenBatch:
+    """Per-position inputs of the objective. Leading shape ``[...]`` (``[B, T]`` or flat ``[N]``).
+
+    Attributes:
+        tokens: Sampled token ids ``y_t``.
+        mask: 1 on valid completion tokens (float or bool).
+        logp_old: Sampler log-prob of ``y_t`` at the loss temperature (``ppo``, ``importance``).
+        teacher_logp: Teacher log-prob of ``y_t``.
+        teacher_entropy: Teacher full-vocabulary entropy ``H_t`` in nats.
+        teacher_topk_ids: ``[..., K]`` teacher's top-k ids.
+        teacher_topk_logprobs: ``[..., K]`` teacher log-probs of those ids.
+        teacher_logits: ``[..., V]`` full teacher logits (exact terms only).
+    """
+
+    tokens: Tensor
+    mask: Tensor
+    logp_old: Tensor | None = None
+    teacher_logp: Tensor | None = None
+    teacher_entropy: Tensor | None = None
+    teacher_topk_ids: Tensor | None = None
+    teacher_topk_logprobs: Tensor | None = None
+    teacher_logits: Tensor | None = None
+
+    def map(self, fn) -> TokenBatch:
+        """Apply ``fn`` to every tensor field (e.g. slicing a chunk of positions)."""
+        return TokenBatch(**{f.name: (None if (v := getattr(self, f.name)) is None else fn(v)) for f in fields(self)})
+
+
+@dataclass
+class TokenWeights:
+    """Per-position term weights decided from the teacher alone (no gradient). Shapes ``[...]``.
+
+    Attributes:
+        w_rkl: Weight of the reverse-KL term.
+        w_fkl: Weight of the forward-KL term.
+        gate: ``g(H_t)`` as placed (entropy, all or random), in [0, 1]; its masked mean is the gated share.
+        tau: The threshold used (adaptive or fixed).
+    """
+
+    w_rkl: Tensor
+    w_fkl: Tensor
+    gate: Tensor
+    tau: float
+
+    def map(self, fn) -> TokenWeights:
+        """Apply ``fn`` to every tensor field."""
+        return TokenWeights(fn(self.w_rkl), fn(self.w_fkl), fn(self.gate), self.tau)
+
+
+@dataclass
+class ObjectiveOutput:
+    """Result of ``objective``.
+
+    Attributes:
+        loss: ``loss_sum / normalizer`` (0-d, carries gradient).
+        loss_sum: Sum of per-token losses over valid tokens.
+        num_valid: Number of valid tokens in this call.
+        metrics: Diagnostics, means over valid tokens (floats).
+    """
+
+    loss: Tensor
+    loss_sum: Tensor
+    num_valid: int
+    metrics: dict[str, float]
+
+
+def teacher_entropy_of(cfg: ObjectiveConfig, batch: TokenBatch) -> Tensor:
+    """The teacher entropy ``H_t``: given, or computed from full teacher logits."""
+    if batch.teacher_entropy is not None:
+        return D.upcast(batch.teacher_entropy)
+    if batch.teacher_logits is not None:
+        return D.entropy(batch.teacher_logits, cfg.temperature)
+    raise ValueError("the objective needs teacher_entropy (or teacher_logits) in the TokenBatch")
+
+
+def prepare_weights(
+    cfg: ObjectiveConfig,
+    batch: TokenBatch,
+    *,
+    tau: float | None = None,
+    generator: torch.Generator | None = None,
+) -> TokenWeights:
+    """Decide each position's RKL/FKL weights from the teacher entropy (whole batch at once).
+
+    Args:
+        cfg: The objective.
+        batch: Needs ``mask`` and the teacher entropy (or logits).
+        tau: Threshold override (the trainer passes the adaptive tau here); default ``cfg.tau``.
+        generator: Randomness for ``placement="random"`` (required then).
+
+    Returns:
+        ``TokenWeights`` shaped like ``batch.mask``.
+    """
+    mask = batch.mask.bool()
+    tau = cfg.tau if tau is None else tau
+    if cfg.divergence is not None:
+        ones = torch.ones(mask.shape, dtype=torch.float32, device=mask.device)
+        return TokenWeights(ones, torch.zeros_like(ones), torch.zeros_like(ones), tau)
+    h = teacher_entropy_of(cfg, batch)
+    gate = entropy_weight(h, cfg.schedule, tau, cfg.width, cfg.h_low, cfg.h_high)
+    if cfg.placement == "all":
+        gate = torch.ones_like(gate)
+    elif cfg.placement == "random":
+        gate = _random_gate_like(gate, mask, generator)
+    gate = gate * mask
+    if cfg.weighting == "additive":
+        w_fkl = cfg.alpha * gate
+        w_rkl = torch.ones_like(gate)
+    else:
+        w_fkl = cfg.lam * gate
+        w_rkl = 1.0 - w_fkl
+    if cfg.fkl == "none":
+        w_fkl = torch.zeros_like(w_fkl)
+    if cfg.rkl == "none":
+        w_rkl = torch.zeros_like(w_rkl)
+    return TokenWeights(w_rkl, w_fkl, gate, float(tau))
+
+
+def _random_gate_like(gate: Tensor, mask: Tensor, generator: torch.Generator | None) -> Tensor:
+    """A 0/1 gate on as many randomly chosen valid tokens as ``gate`` selects (rounded total weight)."""
+    if generator is None:
+        raise ValueError("placement='random' needs a torch.Generator (pass generator=...)")
+    count = int(round(float((gate * mask).sum())))
+    valid_idx = mask.flatten().nonzero().squeeze(1)
+    perm = torch.randperm(valid_idx.numel(), generator=generator, device=generator.device)
+    chosen = valid_idx[perm[:count].to(valid_idx.device)]
+    out = torch.zeros(mask.numel(), dtype=gate.dtype, device=gate.device)
+    out[chosen] = 1.0
+    return out.view_as(gate)
+
+
+def _single_divergence(cfg: ObjectiveConfig, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    t = cfg.temperature
+    match cfg.divergence:
+        case "jsd":
+            return D.generalized_jsd(student_logits, teacher_logits, cfg.beta, t)
+        case "skew_fkl":
+            return D.skew_forward_kl(student_logits, teacher_logits, cfg.skew_alpha, t)
+        case "skew_rkl":
+            return D.skew_reverse_kl(student_logits, teacher_logits, cfg.skew_alpha, t)
+        case "akl":
+            return D.adaptive_kl(student_logits, teacher_logits, cfg.akl_mu, t)
+        case "todi":
+            return D.todi(student_logits, teacher_logits, cfg.todi_beta, t)
+        case _:
+            return D.total_variation(student_logits, teacher_logits, t)
+
+
+def _require(value: Tensor | None, what: str, cfg: ObjectiveConfig) -> Tensor:
+    if value is None:
+        raise ValueError(f"objective {cfg.name!r} needs {what} in the TokenBatch")
+    return value
+
+
+def token_losses(
+    cfg: ObjectiveConfig, student_logits: Tensor, batch: TokenBatch, weights: TokenWeights
+) -> dict[str, Tensor]:
+    """Per-position loss and its parts for any set of positions (a full batch or one chunk).
+
+    Args:
+        cfg: The objective.
+        student_logits: ``[..., V]`` student logits (gradient flows through ``"loss"`` only).
+        batch: Per-position inputs with leading shape ``[...]``.
+        weights: From ``prepare_weights`` (same leading shape).
+
+    Returns:
+        ``"loss"``: ``[...]`` per-token loss, exactly 0 at masked positions (NaN-free);
+        ``"rkl"``, ``"fkl"``: the unweighted terms (detached, 0 where not computed);
+        ``"student_entropy"``: ``[...]`` (detached).
+    """
+    mask = batch.mask.bool()
+    t = cfg.temperature
+    logq = D.log_probs(student_logits, t)
+    zeros = torch.zeros(mask.shape, dtype=logq.dtype, device=logq.device)
+    with torch.no_grad():
+        q = logq.exp()
+        student_entropy = -(q * logq.masked_fill(q == 0, 0.0)).sum(-1)
+
+    if batch.teacher_logits is not None:
+        # Masked positions may hold anything (-inf rows, garbage): make them a harmless uniform so that no
+        # inf/NaN is formed there, since a NaN in a discarded branch still poisons the gradient.
+        batch = dataclasses.replace(batch, teacher_logits=torch.where(mask.unsqueeze(-1), batch.teacher_logits, 0.0))
+    if cfg.divergence is not None:
+        teacher_logits = _require(batch.teacher_logits, "teacher_logits", cfg)
+        loss = _single_divergence(cfg, student_logits, teacher_logits)
+        rkl, fkl = zeros, zeros
+    else:
+        rkl = _rkl_term(cfg, student_logits, logq, batch, zeros)
+        fkl = _fkl_term(cfg, student_logits, logq, batch, zeros)
+        loss = weights.w_rkl * rkl + weights.w_fkl * fkl
+    loss = torch.where(mask, loss, zeros)
+    return {
+        "loss": loss,
+        "rkl": torch.where(mask, rkl.detach(), zeros),
+        "fkl": torch.where(mask, fkl.detach(), zeros),
+        "student_entropy": torch.where(mask, student_entropy, zeros),
+    }
+
+
+def _rkl_term(cfg: ObjectiveConfig, student_logits: Tensor, logq: Tensor, batch: TokenBatch, zeros: Tensor) -> Tensor:
+    if cfg.rkl == "none":
+        return zeros
+    if cfg.rkl == "exact":
+        teacher_logits = _require(batch.teacher_logits, "teacher_logits", cfg)
+        return D.kl_from_log_probs(logq, D.log_probs(teacher_logits, cfg.temperature))
+    logp = logq.gather(-1, batch.tokens.unsqueeze(-1)).squeeze(-1)
+    logp_old = _require(batch.logp_old, "logp_old", cfg)
+    adv = sampled_rkl_advantage(_require(batch.teacher_logp, "teacher_logp", cfg), logp_old)
+    return ppo_clipped_surrogate(logp, logp_old, adv, cfg.clip_eps)
+
+
+def _fkl_term(cfg: ObjectiveConfig, student_logits: Tensor, logq: Tensor, batch: TokenBatch, zeros: Tensor) -> Tensor:
+    if cfg.fkl == "none":
+        return zeros
+    if cfg.fkl == "exact":
+        teacher_logits = _require(batch.teacher_logits, "teacher_logits", cfg)
+        return D.kl_from_log_probs(D.log_probs(teacher_logits, cfg.temperature), logq)
+    if cfg.fkl == "importance":
+        logp = logq.gather(-1, batch.tokens.unsqueeze(-1)).squeeze(-1)
+        return importance_weighted_fkl(
+            logp, _require(batch.logp_old, "logp_old", cfg), _require(batch.teacher_logp, "teacher_logp", cfg),
+            cfg.is_max_weight,
+        )
+    ids = _require(batch.teacher_topk_ids, "teacher_topk_ids", cfg)
+    topk_lp = _require(batch.teacher_topk_logprobs, "teacher_topk_logprobs", cfg)
+    if cfg.fkl == "topk":
+        return D.topk_kl_from_student_logprobs(logq.gather(-1, ids), topk_lp)
+    return D.topk_forward_kl_with_tail(student_logits, ids, topk_lp, cfg.temperature)
+
+
+def summarize(
+    cfg: ObjectiveConfig, parts: dict[str, Tensor], batch: TokenBatch, weights: TokenWeights
+) -> dict[str, float]:
+    """Diagnostics as means over valid tokens (0 when there is none).
+
+    Keys: ``loss``, ``loss_rkl`` and ``loss_fkl`` (the weighted parts per valid token), ``rkl`` and ``fkl``
+    (unweighted terms), ``gated_share``, ``tau``, ``student_entropy``, ``teacher_entropy`` (when known),
+    ``rkl_estimate`` (sampled k1 estimate of KL(q_old || p_T), when sampled log-probs are given) and
+    ``fkl_high_entropy`` (the FKL term averaged over gated tokens).
+    """
+    with torch.no_grad():
+        mask = batch.mask.bool()
+        n = int(mask.sum())
+        denom = max(n, 1)
+
+        def mean(x: Tensor) -> float:
+            return float(torch.where(mask, D.upcast(x), 0.0).sum() / denom)
+
+        out = {
+            "loss": float(parts["loss"].detach().sum() / denom),
+            "loss_rkl": mean(weights.w_rkl * parts["rkl"]),
+            "loss_fkl": mean(weights.w_fkl * parts["fkl"]),
+            "rkl": mean(parts["rkl"]),
+            "fkl": mean(parts["fkl"]),
+            "gated_share": mean(weights.gate),
+            "tau": weights.tau,
+            "student_entropy": mean(parts["student_entropy"]),
+            "num_valid": float(n),
+        }
+        if batch.teacher_entropy is not None or batch.teacher_logits is not None:
+            out["teacher_entropy"] = mean(teacher_entropy_of(cfg, batch))
+        if batch.logp_old is not None and batch.teacher_logp is not None:
+            out["rkl_estimate"] = mean(batch.logp_old - batch.teacher_logp)
+        gated = float((weights.gate * mask).sum())
+        out["fkl_high_entropy"] = float((parts["fkl"] * weights.gate).sum() / gated) if gated > 0 else 0.0
+    return out
+
+
+def objective(
+    cfg: ObjectiveConfig,
+    student_logits: Tensor,
+    batch: TokenBatch,
+    *,
+    tau: float | None = None,
+    generator: torch.Generator | None = None,
+    normalizer: float | int | None = None,
+    weights: TokenWeights | None = None,
+) -> ObjectiveOutput:
+    """The composed objective on full student logits.
+
+    Args:
+        cfg: Objective config (``ObjectiveConfig.preset(name)``).
+        student_logits: ``[..., V]``.
+        batch: Per-position inputs with leading shape ``[...]``.
+        tau: Threshold override (adaptive tau).
+        generator: For ``placement="random"``.
+        normalizer: Divide the token sum by this (the global count of valid tokens across gradient
+            accumulation and processes); default the local valid count. 0 valid tokens gives loss 0.
+        weights: Precomputed weights (skips ``prepare_weights``), e.g. decided once per rollout.
+
+    Returns:
+        ``ObjectiveOutput``.
+    """
+    if weights is None:
+        weights = prepare_weights(cfg, batch, tau=tau, generator=generator)
+    parts = token_losses(cfg, student_logits, batch, weights)
+    loss_sum = parts["loss"].sum()
+    num_valid = int(batch.mask.bool().sum())
+    denom = normalizer if normalizer is not None else num_valid
+    loss = loss_sum / max(float(denom), 1.0)
+    return ObjectiveOutput(loss, loss_sum, num_valid, summarize(cfg, parts, batch, weights))
+
+
+def adaptive_tau_from_batch(cfg: ObjectiveConfig, teacher_entropy: Tensor, mask: Tensor) -> float:
+    """The unsmoothed adaptive threshold of one batch (``cfg.adaptive_share`` must be set)."""
+    if cfg.adaptive_share is None:
+        raise ValueError("adaptive_share is not set on this objective")
+    return float(entropy_quantile(teacher_entropy, mask, cfg.adaptive_share))

@@ -1,0 +1,156 @@
+"""Loading and building Hugging Face causal LMs, and aligning teacher/student vocabularies.
+
+Everything goes through the real ``AutoModelForCausalLM.from_pretrained`` path (safetensors only,
+``trust_remote_code`` off unless asked), so tiny models built here and saved with ``save_pretrained`` are
+exercised exactly like a Hub checkpoint on a GPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Qwen3Config, Qwen3ForCausalLM
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer could not be loaded; the message says what to fix."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> cuda when available else cpu; anything else as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``"auto"`` -> bfloat16 on GPU, float32 on CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def build_tiny_qwen3(
+    vocab_size: int,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 256,
+    tie_word_embeddings: bool = True,
+    seed: int = 0,
+    **config_kwargs,
+) -> Qwen3ForCausalLM:
+    """A randomly initialised Qwen3-architecture model of tiny size (no download).
+
+    Args:
+        vocab_size: Rows of the embedding / lm_head (may exceed the tokenizer's vocabulary: padding).
+        hidden_size: Model width; must be divisible by ``num_heads``.
+        num_layers: Decoder layers.
+        num_heads: Attention heads.
+        num_kv_heads: Key/value heads (grouped-query attention); divides ``num_heads``.
+        intermediate_size: MLP width (default ``4 * hidden_size``).
+        max_position_embeddings: Longest sequence.
+        tie_word_embeddings: Share embedding and lm_head weights.
+        seed: Initialisation seed (a local generator state; the global RNG is restored afterwards).
+        **config_kwargs: Any other ``Qwen3Config`` field.
+    """
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        **config_kwargs,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(config)
+    return model
+
+
+def load_causal_lm(
+    name_or_path: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Load a causal LM from a local folder or Hub id with safetensors weights.
+
+    Raises:
+        ModelLoadError: the folder is missing, has no config or no safetensors weights.
+    """
+    device = torch.device(device) if isinstance(device, str) else device
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype, device)
+    path = Path(name_or_path)
+    looks_local = path.exists() or str(name_or_path).startswith((".", "/", "~"))
+    if looks_local:
+        if not path.is_dir():
+            raise ModelLoadError(f"model path {str(name_or_path)!r} does not exist; point it at a folder "
+                                 "written by save_pretrained or at a Hub id")
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"model folder {str(path)!r} has no config.json; is it a save_pretrained folder?")
+        if not any(path.glob("*.safetensors")) and not (path / "model.safetensors.index.json").exists():
+            raise ModelLoadError(f"model folder {str(path)!r} has no *.safetensors weights (only safetensors "
+                                 "are loaded; convert with model.save_pretrained(..., safe_serialization=True))")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not load model {str(name_or_path)!r}: {err}") from err
+    return model.to(device)
+
+
+def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
+    """Load a tokenizer; gives it a pad token (the EOS) when it has none."""
+    try:
+        tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not load tokenizer {str(name_or_path)!r}: {err}") from err
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ModelLoadError(f"tokenizer {str(name_or_path)!r} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tokenizer_vocab_size(tokenizer) -> int:
+    """Number of ids the tokenizer can emit (base vocabulary plus added tokens)."""
+    return len(tokenizer)
+
+
+def aligned_vocab_size(teacher: PreTrainedModel, student: PreTrainedModel, tokenizer) -> int:
+    """The vocabulary both models' logits are compared over.
+
+    Padded lm_heads (e.g. Qwen3's 151,936 rows for a 151,669-token tokenizer) are fine: both models are
+    sliced to the tokenizer's vocabulary. A model with *fewer* rows than the tokenizer cannot score every
+    token, so that is an error, as is a mismatch that padding cannot explain.
+
+    Raises:
+        ModelLoadError: a model's lm_head is smaller than the tokenizer's vocabulary.
+    """
+    v_tok = tokenizer_vocab_size(tokenizer)
+    v_t = teacher.get_output_embeddings().weight.shape[0]
+    v_s = student.get_output_embeddings().weight.shape[0]
+    for who, v in (("teacher", v_t), ("student", v_s)):
+        if v < v_tok:
+            raise ModelLoadError(
+                f"{who} lm_head has {v} rows but the tokenizer has {v_tok} tokens: the two models do not share "
+                "this tokenizer's vocabulary; use a teacher and student from the same model family"
+            )
+    return v_tok
