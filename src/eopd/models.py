@@ -7,6 +7,7 @@ exercised exactly like a Hub checkpoint on a GPU.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -154,3 +155,41 @@ def aligned_vocab_size(teacher: PreTrainedModel, student: PreTrainedModel, token
                 "this tokenizer's vocabulary; use a teacher and student from the same model family"
             )
     return v_tok
+
+
+def build_tiny_checkpoint(
+    path: str | Path,
+    *,
+    alphabet: str,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vocab_padding: int = 0,
+    initializer_range: float = 0.02,
+    seed: int = 0,
+) -> Path:
+    """Build a tiny random Qwen3 model with a character tokenizer and save both at ``path`` (atomically).
+
+    Used by ``configs/tiny.yaml`` and the tests so that the real ``from_pretrained`` path is exercised with no
+    download. ``vocab_padding`` adds lm_head rows beyond the tokenizer, like Qwen3's padded vocabulary.
+    """
+    from eopd.tokenizer import build_char_tokenizer
+
+    path = Path(path).expanduser()
+    tok = build_char_tokenizer(alphabet)
+    model = build_tiny_qwen3(
+        vocab_size=len(tok) + vocab_padding, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, seed=seed, initializer_range=initializer_range,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+    )
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, path)
+    return path

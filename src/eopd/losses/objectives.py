@@ -261,11 +261,13 @@ def prepare_weights(
         return TokenWeights(ones, torch.zeros_like(ones), torch.zeros_like(ones), tau)
     h = teacher_entropy_of(cfg, batch)
     gate = entropy_weight(h, cfg.schedule, tau, cfg.width, cfg.h_low, cfg.h_high)
+    # where, not gate * mask: a NaN entropy at a masked position must not survive as NaN * 0.
+    gate = torch.where(mask, gate, torch.zeros_like(gate))
     if cfg.placement == "all":
         gate = torch.ones_like(gate)
     elif cfg.placement == "random":
         gate = _random_gate_like(gate, mask, generator)
-    gate = gate * mask
+    gate = torch.where(mask, gate, torch.zeros_like(gate))
     if cfg.weighting == "additive":
         w_fkl = cfg.alpha * gate
         w_rkl = torch.ones_like(gate)
@@ -328,7 +330,8 @@ def token_losses(
 
     Returns:
         ``"loss"``: ``[...]`` per-token loss, exactly 0 at masked positions (NaN-free);
-        ``"rkl"``, ``"fkl"``: the unweighted terms (detached, 0 where not computed);
+        ``"rkl"``, ``"fkl"``: the unweighted terms (detached, 0 where not computed; without an FKL term,
+        ``"fkl"`` is the top-k forward KL as a diagnostic when the batch has the teacher's top-k);
         ``"student_entropy"``: ``[...]`` (detached).
     """
     mask = batch.mask.bool()
@@ -339,10 +342,16 @@ def token_losses(
         q = logq.exp()
         student_entropy = -(q * logq.masked_fill(q == 0, 0.0)).sum(-1)
 
-    if batch.teacher_logits is not None:
-        # Masked positions may hold anything (-inf rows, garbage): make them a harmless uniform so that no
-        # inf/NaN is formed there, since a NaN in a discarded branch still poisons the gradient.
-        batch = dataclasses.replace(batch, teacher_logits=torch.where(mask.unsqueeze(-1), batch.teacher_logits, 0.0))
+    # Masked positions may hold anything (-inf rows, -inf * 0 = NaN log-probs, garbage): make them harmless
+    # zeros so that no inf/NaN is formed there, since a NaN in a discarded branch still poisons the gradient.
+    batch = dataclasses.replace(
+        batch,
+        **{
+            name: torch.where(mask.view(mask.shape + (1,) * (value.dim() - mask.dim())), value, 0.0)
+            for name in ("logp_old", "teacher_logp", "teacher_topk_logprobs", "teacher_logits")
+            if (value := getattr(batch, name)) is not None
+        },
+    )
     if cfg.divergence is not None:
         teacher_logits = _require(batch.teacher_logits, "teacher_logits", cfg)
         loss = _single_divergence(cfg, student_logits, teacher_logits)
@@ -351,6 +360,11 @@ def token_losses(
         rkl = _rkl_term(cfg, student_logits, logq, batch, zeros)
         fkl = _fkl_term(cfg, student_logits, logq, batch, zeros)
         loss = weights.w_rkl * rkl + weights.w_fkl * fkl
+        if cfg.fkl == "none" and batch.teacher_topk_ids is not None and batch.teacher_topk_logprobs is not None:
+            # diagnostic only (no gradient): the top-k forward KL an objective without FKL leaves behind
+            with torch.no_grad():
+                fkl = D.topk_kl_from_student_logprobs(logq.gather(-1, batch.teacher_topk_ids),
+                                                      batch.teacher_topk_logprobs)
     loss = torch.where(mask, loss, zeros)
     return {
         "loss": loss,

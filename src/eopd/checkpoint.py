@@ -1,0 +1,118 @@
+"""Atomic checkpoints: a run is never left with a half-written checkpoint, and resume continues exactly.
+
+Layout under ``OUTPUT_DIR/checkpoints/step_000020/``:
+
+- ``model/``          the student via ``save_pretrained`` (+ tokenizer): loadable by plain transformers
+- ``trainer.pt``      optimizer, scheduler, RNG states (torch CPU/CUDA, our generators), step, data position,
+                      adaptive-tau state
+
+Everything is written into ``step_000020.tmp`` first and renamed into place at the end; a folder without
+the ``.tmp`` suffix is therefore complete. Older checkpoints beyond ``keep`` are removed after the rename.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing or unreadable; the message says which and what to do."""
+
+
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    """Folder of the checkpoint taken after ``step``."""
+    return Path(output_dir) / "checkpoints" / f"step_{step:06d}"
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    model: Any,
+    tokenizer: Any,
+    trainer_state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write a checkpoint atomically and prune old ones.
+
+    Args:
+        output_dir: The run folder.
+        step: Steps completed.
+        model: Unwrapped student (``save_pretrained``).
+        tokenizer: Saved beside the model so the folder is self-contained.
+        trainer_state: Everything else resume needs (tensors and plain data; written with ``torch.save``).
+        keep: How many step checkpoints to keep.
+
+    Returns:
+        The final checkpoint folder.
+    """
+    final = checkpoint_dir(output_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / "model", safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp / "model")
+    torch.save(trainer_state, tmp / "trainer.pt")
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a folder's entries to disk (best effort; not every filesystem supports it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (``.tmp`` leftovers of an interrupted save are ignored)."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def load_trainer_state(ckpt: Path) -> dict[str, Any]:
+    """Read ``trainer.pt`` of a checkpoint folder.
+
+    Raises:
+        CheckpointError: the file is missing or unreadable.
+    """
+    path = ckpt / "trainer.pt"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(ckpt)!r} has no trainer.pt; it is not an eopd checkpoint "
+                              "(delete it or start without resume=true)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # any unpickling failure means the same thing to the user
+        raise CheckpointError(f"could not read {str(path)!r} ({err}); delete that checkpoint folder to resume "
+                              "from the one before it") from err

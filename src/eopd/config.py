@@ -1,0 +1,344 @@
+"""The training config: a small tree of dataclasses, loaded from YAML plus ``key=value`` overrides.
+
+Every field has help text and every section validates itself in ``__post_init__``, so a bad config stops at
+load with one line naming the key and what is allowed, not twenty minutes into a run. Unknown keys and wrong
+types are caught by ``from_dict`` before any model is touched.
+
+    cfg = load_config("configs/tiny.yaml", ["max_steps=5", "rollout.n=2", "objective=opd"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from eopd.losses.objectives import ObjectiveConfig
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key and what is allowed."""
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class TinyModelSpec:
+    """A tiny random Qwen3 model to build at a model path that does not exist yet (tests, smoke runs)."""
+
+    hidden_size: int = field(default=64, metadata=_help("model width"))
+    num_layers: int = field(default=2, metadata=_help("decoder layers"))
+    num_heads: int = field(default=4, metadata=_help("attention heads"))
+    num_kv_heads: int = field(default=2, metadata=_help("key/value heads"))
+    vocab_padding: int = field(default=0, metadata=_help("extra lm_head rows beyond the tokenizer (like Qwen3's)"))
+    initializer_range: float = field(default=0.02, metadata=_help("init std; larger gives peakier random models"))
+    seed: int = field(default=0, metadata=_help("initialisation seed"))
+
+    def __post_init__(self) -> None:
+        _require(self.hidden_size > 0 and self.hidden_size % self.num_heads == 0, "hidden_size",
+                 f"must be a positive multiple of num_heads ({self.num_heads}), got {self.hidden_size}")
+        _require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+                 f"must divide num_heads ({self.num_heads}), got {self.num_kv_heads}")
+        _require(self.vocab_padding >= 0, "vocab_padding", f"must be >= 0, got {self.vocab_padding}")
+
+
+@dataclass
+class ModelsConfig:
+    """Teacher and student: local folders (save_pretrained) or Hub ids."""
+
+    teacher: str = field(default="", metadata=_help("teacher path or Hub id"))
+    student: str = field(default="", metadata=_help("student path or Hub id (the model trained)"))
+    tokenizer: str | None = field(default=None, metadata=_help("tokenizer path/id (default: the student's)"))
+    dtype: str = field(default="auto", metadata=_help("auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16"))
+    device: str = field(default="auto", metadata=_help("auto | cpu | cuda | cuda:N"))
+    trust_remote_code: bool = field(default=False, metadata=_help("allow model code from the Hub (off)"))
+    build_teacher: TinyModelSpec | None = field(
+        default=None, metadata=_help("build a tiny random teacher at `teacher` when the folder is missing"))
+    build_student: TinyModelSpec | None = field(
+        default=None, metadata=_help("build a tiny random student at `student` when the folder is missing"))
+    build_alphabet: str = field(default="0123456789+=,;", metadata=_help("characters of a built tokenizer"))
+
+    def __post_init__(self) -> None:
+        _require(bool(self.teacher), "models.teacher", "is required (a local folder or a Hub id)")
+        _require(bool(self.student), "models.student", "is required (a local folder or a Hub id)")
+        _require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "models.dtype",
+                 f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        for key, path, spec in (("models.teacher", self.teacher, self.build_teacher),
+                                ("models.student", self.student, self.build_student)):
+            if spec is None and _looks_local(path) and not Path(path).expanduser().is_dir():
+                raise ConfigError(f"{key}: folder {path!r} does not exist; give a save_pretrained folder, a Hub "
+                                  f"id, or a `{key.replace('models.', 'models.build_')}` section to build one")
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") >= 2
+
+
+@dataclass
+class DataConfig:
+    """Where the prompts come from."""
+
+    task: str = field(default="arithmetic", metadata=_help("arithmetic | math | jsonl | hf"))
+    path: str | None = field(default=None, metadata=_help("math: benchmark names/file; jsonl: file; hf: dataset id"))
+    prompt_field: str = field(default="prompt", metadata=_help("jsonl/hf: field holding the prompt text"))
+    answer_field: str | None = field(default=None, metadata=_help("jsonl/hf: optional gold answer field"))
+    split: str = field(default="train", metadata=_help("which split of the task to train on"))
+    limit: int | None = field(default=None, metadata=_help("use only the first N prompts"))
+    chat_template: bool = field(default=False, metadata=_help("wrap prompts in the tokenizer's chat template"))
+    arithmetic: dict[str, Any] = field(default_factory=dict, metadata=_help("ArithmeticConfig fields"))
+
+    def __post_init__(self) -> None:
+        _require(self.task in ("arithmetic", "math", "jsonl", "hf"), "data.task",
+                 f"must be arithmetic, math, jsonl or hf, got {self.task!r}")
+        _require(self.task == "arithmetic" or bool(self.path), "data.path", f"is required for task {self.task!r}")
+        _require(self.limit is None or self.limit > 0, "data.limit", f"must be > 0, got {self.limit}")
+
+
+@dataclass
+class RolloutConfig:
+    """Student sampling. The loss uses the same temperature."""
+
+    prompts_per_step: int = field(default=8, metadata=_help("prompts per step (all processes together)"))
+    n: int = field(default=4, metadata=_help("completions per prompt"))
+    max_new_tokens: int = field(default=32, metadata=_help("completion budget"))
+    temperature: float = field(default=1.0, metadata=_help("sampling AND loss temperature"))
+    top_p: float = field(default=1.0, metadata=_help("nucleus mass for sampling (1 = full distribution)"))
+
+    def __post_init__(self) -> None:
+        _require(self.prompts_per_step > 0, "rollout.prompts_per_step", f"must be > 0, got {self.prompts_per_step}")
+        _require(self.n > 0, "rollout.n", f"must be > 0, got {self.n}")
+        _require(self.max_new_tokens > 0, "rollout.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+        _require(self.temperature > 0, "rollout.temperature", f"must be > 0, got {self.temperature}")
+        _require(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences per step: ``prompts_per_step * n``."""
+        return self.prompts_per_step * self.n
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warmup + cosine decay, PPO epochs over minibatches."""
+
+    lr: float = field(default=1e-5, metadata=_help("peak learning rate"))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
+    beta1: float = field(default=0.9, metadata=_help("AdamW beta1"))
+    beta2: float = field(default=0.999, metadata=_help("AdamW beta2"))
+    warmup_steps: int = field(default=0, metadata=_help("linear warmup, in optimizer updates"))
+    min_lr_ratio: float = field(default=0.0, metadata=_help("cosine floor as a fraction of lr"))
+    grad_clip: float = field(default=1.0, metadata=_help("max gradient norm (0 disables)"))
+    minibatch_size: int = field(default=8, metadata=_help("sequences per optimizer update (recipe: 32 of 128)"))
+    micro_batch_size: int = field(default=8, metadata=_help("sequences per forward/backward (memory)"))
+    ppo_epochs: int = field(default=1, metadata=_help("passes over each rollout batch"))
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _require(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
+        _require(self.minibatch_size > 0, "optim.minibatch_size", f"must be > 0, got {self.minibatch_size}")
+        _require(self.micro_batch_size > 0 and self.minibatch_size % self.micro_batch_size == 0,
+                 "optim.micro_batch_size",
+                 f"must divide optim.minibatch_size ({self.minibatch_size}), got {self.micro_batch_size}")
+        _require(self.ppo_epochs > 0, "optim.ppo_epochs", f"must be > 0, got {self.ppo_epochs}")
+
+
+@dataclass
+class EvalConfig:
+    """Periodic evaluation during training (tasks that can grade answers)."""
+
+    every: int = field(default=0, metadata=_help("evaluate every N steps (0: never)"))
+    split: str = field(default="test", metadata=_help("split of the task to evaluate on"))
+    problems: int = field(default=64, metadata=_help("problems per evaluation"))
+    n: int = field(default=4, metadata=_help("samples per problem (Avg@n, pass@k)"))
+    temperature: float = field(default=1.0, metadata=_help("sampling temperature"))
+    top_p: float = field(default=1.0, metadata=_help("nucleus mass"))
+    max_new_tokens: int | None = field(default=None, metadata=_help("default: rollout.max_new_tokens"))
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")
+        _require(self.problems > 0 and self.n > 0, "eval.problems/eval.n", "must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    """One distillation run."""
+
+    output_dir: str = field(default="runs/default", metadata=_help("metrics, checkpoints and the final student"))
+    seed: int = field(default=0, metadata=_help("seeds data order, sampling and init"))
+    max_steps: int = field(default=20, metadata=_help("training steps (one rollout batch each)"))
+    objective: str = field(default="eopd", metadata=_help("loss preset of eopd.losses (opd, eopd, fkl, ...)"))
+    loss: dict[str, Any] = field(default_factory=dict, metadata=_help("ObjectiveConfig overrides (tau, top_k...)"))
+    loss_impl: str = field(default="fused", metadata=_help("fused (chunked, never [N,V]) | plain (full logits)"))
+    chunk_size: int = field(default=1024, metadata=_help("positions per chunk in the fused path"))
+    resume: bool = field(default=False, metadata=_help("continue from the last complete checkpoint"))
+    save_every: int = field(default=0, metadata=_help("checkpoint every N steps (0: only at the end)"))
+    keep_checkpoints: int = field(default=2, metadata=_help("how many step checkpoints to keep"))
+    log_every: int = field(default=1, metadata=_help("print a line every N steps"))
+    num_threads: int | None = field(default=None, metadata=_help("torch CPU threads (default: torch's)"))
+    wandb: bool = field(default=False, metadata=_help("log to Weights & Biases (needs wandb)"))
+    wandb_project: str = field(default="eopd", metadata=_help("W&B project"))
+    tensorboard: bool = field(default=True, metadata=_help("log to TensorBoard when it is installed"))
+    models: ModelsConfig = field(default_factory=ModelsConfig, metadata=_help("teacher and student"))
+    data: DataConfig = field(default_factory=DataConfig, metadata=_help("prompts"))
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata=_help("sampling"))
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata=_help("optimizer"))
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata=_help("periodic evaluation"))
+
+    def __post_init__(self) -> None:
+        _require(self.max_steps > 0, "max_steps", f"must be > 0, got {self.max_steps}")
+        _require(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}")
+        _require(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        _require(self.loss_impl in ("fused", "plain"), "loss_impl", f"must be fused or plain, got {self.loss_impl!r}")
+        _require(self.chunk_size > 0, "chunk_size", f"must be > 0, got {self.chunk_size}")
+        _require(self.log_every > 0, "log_every", f"must be > 0, got {self.log_every}")
+        _require(self.rollout.batch_size % self.optim.minibatch_size == 0, "optim.minibatch_size",
+                 f"must divide the rollout batch (rollout.prompts_per_step * rollout.n = {self.rollout.batch_size}),"
+                 f" got {self.optim.minibatch_size}")
+        self.objective_config()  # validates objective + loss overrides now
+
+    def objective_config(self) -> ObjectiveConfig:
+        """The loss: preset ``objective`` with ``loss`` overrides and the rollout temperature."""
+        if "temperature" in self.loss and self.loss["temperature"] != self.rollout.temperature:
+            raise ConfigError(f"loss.temperature ({self.loss['temperature']}) must equal rollout.temperature "
+                              f"({self.rollout.temperature}): sampling and loss use one temperature")
+        try:
+            return ObjectiveConfig.preset(self.objective, **{**self.loss, "temperature": self.rollout.temperature})
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"objective/loss: {err}") from err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dict -> dataclass with type checks, YAML loading, dotted overrides
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check (and lightly coerce: int -> float) ``value`` against the annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: must be a mapping of {_type_name(tp)} fields, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: must be a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]!r}; allowed under {prefix.rstrip('.') or 'the top level'}:"
+                          f" {', '.join(names)}")
+    kwargs = {name: _convert(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        msg = str(err)
+        raise ConfigError(msg if msg.startswith(prefix) or not prefix else f"{prefix}{msg}") from None
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["rollout.n=2", "objective=opd"]`` -> nested dict; values parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (dotted keys for nested fields)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw else ""
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; ``update`` wins."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Load a YAML config (or defaults when ``path`` is None) and apply ``key=value`` overrides.
+
+    Relative model paths in the YAML are taken relative to the current directory, as typed on a command line.
+
+    Raises:
+        ConfigError: missing file, bad YAML, unknown key, wrong type or impossible value.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    data = deep_merge(data, parse_overrides(overrides or []))
+    return from_dict(TrainConfig, data)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain data (saved next to every run)."""
+    return dataclasses.asdict(cfg)
