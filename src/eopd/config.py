@@ -280,7 +280,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]!r}; allowed under {prefix.rstrip('.') or 'the top level'}:"
+        raise ConfigError(f"unknown key '{prefix}{unknown[0]}'; allowed under {prefix.rstrip('.') or 'the top level'}:"
                           f" {', '.join(names)}")
     kwargs = {name: _convert(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
     try:
@@ -290,6 +290,19 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         raise ConfigError(msg if msg.startswith(prefix) or not prefix else f"{prefix}{msg}") from None
 
 
+def _parse_scalar(raw: str) -> Any:
+    """A YAML scalar, plus ``3e-3``-style floats that YAML 1.1 reads as strings."""
+    if not raw:
+        return ""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """``["rollout.n=2", "objective=opd"]`` -> nested dict; values parsed as YAML scalars."""
     out: dict[str, Any] = {}
@@ -297,7 +310,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (dotted keys for nested fields)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw else ""
+        value = _parse_scalar(raw)
         node = out
         parts = key.split(".")
         for part in parts[:-1]:

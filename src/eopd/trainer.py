@@ -554,7 +554,9 @@ def cli(argv: list[str]) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    if history:
+    from accelerate import PartialState
+
+    if history and PartialState().is_main_process:
         last = history[-1]
         print(f"done: {len(history)} steps, final loss {last['loss']:.4f}; student saved to "
               f"{Path(cfg.output_dir) / 'final'}")

@@ -1,0 +1,83 @@
+"""The sampler: log-probs equal a full forward, EOS masking, reproducibility, top-p, padded vocab rows."""
+
+from __future__ import annotations
+
+import torch
+
+from eopd.models import build_tiny_qwen3
+from eopd.rollout import completion_mask_from_ids, left_pad, position_ids_from_mask, sample, top_p_filter
+
+
+def _model(vocab: int = 12):
+    return build_tiny_qwen3(vocab_size=vocab, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                            seed=3, initializer_range=0.2).eval()
+
+
+def test_logp_old_equals_full_forward_at_temperature():
+    model = _model()
+    r = sample(model, [[3, 4, 5], [6, 7]], n=3, max_new_tokens=10, temperature=0.7, eos_token_ids=[1],
+               pad_token_id=0, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=r.sequences_BL, attention_mask=r.attention_mask_BL,
+                       position_ids=position_ids_from_mask(r.attention_mask_BL)).logits
+    P = r.prompt_len
+    lp = torch.log_softmax(logits[:, P - 1 : -1].float() / 0.7, -1).gather(-1, r.completion_ids_BT[..., None])
+    lp = lp.squeeze(-1) * r.completion_mask_BT
+    torch.testing.assert_close(lp, r.logp_old_BT, atol=1e-5, rtol=1e-5)
+    assert r.prompt_index_B.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_same_generator_seed_same_samples_and_global_rng_untouched():
+    model = _model()
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    kw = dict(n=4, max_new_tokens=8, eos_token_ids=[1], pad_token_id=0)
+    a = sample(model, [[3, 4]], generator=torch.Generator().manual_seed(5), **kw)
+    b = sample(model, [[3, 4]], generator=torch.Generator().manual_seed(5), **kw)
+    c = sample(model, [[3, 4]], generator=torch.Generator().manual_seed(6), **kw)
+    assert torch.equal(a.completion_ids_BT, b.completion_ids_BT)
+    assert not torch.equal(a.completion_ids_BT, c.completion_ids_BT)
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_completion_mask_stops_after_first_eos_even_when_pad_is_eos():
+    ids = torch.tensor([[5, 1, 1, 1], [5, 6, 7, 8], [1, 5, 1, 1]])
+    assert completion_mask_from_ids(ids, [1]).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert completion_mask_from_ids(ids, [7, 1]).tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]]
+
+
+def test_left_pad_and_positions():
+    ids, mask = left_pad([[4, 5, 6], [7]], pad_token_id=0)
+    assert ids.tolist() == [[4, 5, 6], [0, 0, 7]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert position_ids_from_mask(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+def test_left_padding_does_not_change_the_log_probs():
+    """logp_old of a completion is the same whether its prompt was sampled alone or left-padded in a batch."""
+    model = _model()
+    padded = sample(model, [[7], [3, 4, 5, 6]], n=1, max_new_tokens=6, eos_token_ids=[1], pad_token_id=0,
+                    generator=torch.Generator().manual_seed(0))
+    t = int(padded.completion_mask_BT[0].sum())
+    alone_ids = torch.tensor([[7, *padded.completion_ids_BT[0, :t].tolist()]])
+    with torch.no_grad():
+        logits = model(input_ids=alone_ids).logits[0, :-1].float()
+    lp = torch.log_softmax(logits, -1).gather(-1, alone_ids[0, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(lp, padded.logp_old_BT[0, :t], atol=1e-5, rtol=1e-4)
+
+
+def test_top_p_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(top_p_filter(logits, 0.8))
+    assert kept.tolist() == [[True, True, False, False]]
+    assert torch.isfinite(top_p_filter(logits, 0.1)).tolist() == [[True, False, False, False]]
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
+
+
+def test_padded_vocab_rows_are_never_sampled():
+    model = _model(vocab=12)
+    with torch.no_grad():
+        model.lm_head.weight[9:] *= 0
+        model.lm_head.weight[9:] += 50 * model.model.embed_tokens.weight[:3].mean(0)  # would dominate
+    r = sample(model, [[3, 4]], n=16, max_new_tokens=6, eos_token_ids=[1], pad_token_id=0,
+               generator=torch.Generator().manual_seed(0), vocab_size=9)
+    assert int(r.completion_ids_BT.max()) < 9

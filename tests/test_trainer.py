@@ -1,0 +1,237 @@
+"""Real tiny distillation runs on CPU: learning, exact resume, masking, vocab alignment, config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from eopd.checkpoint import latest_checkpoint, list_checkpoints
+from eopd.config import ConfigError, load_config
+from eopd.losses import forward_kl, reverse_kl
+from eopd.models import ModelLoadError, aligned_vocab_size, build_tiny_checkpoint, load_causal_lm
+from eopd.rollout import sample
+from eopd.teacher import completion_logits
+from eopd.tracking import read_metrics
+from eopd.trainer import Distiller, encode_prompts, train
+
+from .conftest import REPO
+
+TINY = str(REPO / "configs" / "tiny.yaml")
+
+
+def tiny_cfg(tiny_models, out: Path, *overrides: str):
+    base = [f"models.teacher={tiny_models['teacher']}", f"models.student={tiny_models['student']}",
+            f"output_dir={out}", "num_threads=1", "tensorboard=false", "loss_impl=plain"]
+    return load_config(TINY, [*base, *overrides])
+
+
+def exact_kls(student, teacher, tokenizer, prompts, vocab_size: int, seed: int = 123) -> tuple[float, float]:
+    """Mean exact per-token (reverse KL on student samples, forward KL on teacher samples)."""
+    out = []
+    for sampler in (student, teacher):
+        g = torch.Generator().manual_seed(seed)
+        r = sample(sampler, prompts, n=4, max_new_tokens=16, eos_token_ids=[tokenizer.eos_token_id],
+                   pad_token_id=tokenizer.pad_token_id, generator=g, vocab_size=vocab_size)
+        with torch.no_grad():
+            s = completion_logits(student, r, vocab_size)
+            t = completion_logits(teacher, r, vocab_size)
+        kl = reverse_kl(s, t) if sampler is student else forward_kl(s, t)
+        m = r.completion_mask_BT
+        out.append(float((kl * m).sum() / m.sum()))
+    return out[0], out[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["opd", "eopd", "fkl", "rkl"])
+def test_student_kl_to_teacher_falls(tiny_models, tmp_path, objective):
+    cfg = tiny_cfg(tiny_models, tmp_path, f"objective={objective}", "max_steps=30", "rollout.prompts_per_step=4",
+                   "rollout.max_new_tokens=16", "optim.minibatch_size=8", "optim.micro_batch_size=8",
+                   "optim.lr=3e-3", "save_every=0")
+    d = Distiller(cfg)
+    prompts = encode_prompts(d.tokenizer, d.task.problems("test")[:16], False)
+    before = exact_kls(d.student, d.teacher_model, d.tokenizer, prompts, d.vocab_size)
+    history = d.run()
+    after = exact_kls(d.student, d.teacher_model, d.tokenizer, prompts, d.vocab_size)
+    assert len(history) == 30
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    # the divergence the objective minimises falls clearly; the other does not blow up
+    rkl_drop, fkl_drop = before[0] - after[0], before[1] - after[1]
+    print(objective, before, after)
+    assert max(rkl_drop / before[0], fkl_drop / before[1]) > 0.10, (objective, before, after)
+    assert after[0] < before[0] * 1.05 and after[1] < before[1] * 1.05, (objective, before, after)
+
+
+def _strip_times(rows):
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s/"))} for r in rows]
+
+
+@pytest.mark.slow
+def test_kill_and_resume_reproduces_uninterrupted_run(tiny_models, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    common = ("max_steps=6", "save_every=3", "rollout.prompts_per_step=4", "optim.minibatch_size=8",
+              "optim.micro_batch_size=4", "objective=eopd", "loss.adaptive_share=0.3")
+    train(tiny_cfg(tiny_models, full, *common))
+    train(tiny_cfg(tiny_models, cut, *common))
+    # simulate a kill during step 4: the step-6 checkpoint and final model never got written
+    shutil.rmtree(cut / "checkpoints" / "step_000006")
+    shutil.rmtree(cut / "final")
+    assert latest_checkpoint(cut).name == "step_000003"
+    train(tiny_cfg(tiny_models, cut, *common, "resume=true"))
+    a, b = _strip_times(read_metrics(full / "metrics.jsonl")), _strip_times(read_metrics(cut / "metrics.jsonl"))
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert a == b  # bit-for-bit on CPU
+    sa = AutoModelForCausalLM.from_pretrained(full / "final").state_dict()
+    sb = AutoModelForCausalLM.from_pretrained(cut / "final").state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_checkpoint_tmp_leftover_is_ignored(tiny_models, tmp_path):
+    cfg = tiny_cfg(tiny_models, tmp_path, "max_steps=2", "save_every=1", "rollout.prompts_per_step=2",
+                   "optim.minibatch_size=8", "optim.micro_batch_size=8", "keep_checkpoints=1")
+    train(cfg)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000002"]
+    (tmp_path / "checkpoints" / "step_000009.tmp").mkdir()  # a save interrupted mid-way
+    assert latest_checkpoint(tmp_path).name == "step_000002"
+
+
+def test_saved_student_loads_with_plain_transformers_and_generates(tiny_models, tmp_path):
+    train(tiny_cfg(tiny_models, tmp_path, "max_steps=1", "rollout.prompts_per_step=2", "optim.minibatch_size=8",
+                   "optim.micro_batch_size=8"))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "final")
+    ids = tok("1+2+3+4=", return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    expected = {"step", "loss", "rkl_estimate", "fkl", "gated_share", "tau", "teacher_entropy", "student_entropy",
+                "response_length", "lr", "grad_norm", "time/sample", "time/teacher", "time/update",
+                "tokens_per_s/sample", "tokens_per_s/teacher", "tokens_per_s/update", "loss_rkl", "loss_fkl"}
+    assert expected <= set(rows[0])
+
+
+def test_pad_equal_to_eos_masks_after_first_eos(tiny_models, tmp_path):
+    # a student folder whose tokenizer pads with its EOS id (as many chat models do)
+    folder = tmp_path / "student-pad-eos"
+    shutil.copytree(tiny_models["student"], folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.pad_token = tok.eos_token
+    tok.save_pretrained(folder)
+    assert tok.pad_token_id == tok.eos_token_id
+    model = load_causal_lm(folder)
+    with torch.no_grad():  # make EOS likely so completions end early
+        model.lm_head.weight[tok.eos_token_id] += 0.5 * model.model.embed_tokens.weight.norm(dim=1).mean()
+    r = sample(model, [[5, 6, 7], [8, 9]], n=8, max_new_tokens=12, eos_token_ids=[tok.eos_token_id],
+               pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0))
+    ids, m = r.completion_ids_BT, r.completion_mask_BT
+    ended = 0
+    for row_ids, row_m in zip(ids.tolist(), m.tolist(), strict=True):
+        if tok.eos_token_id in row_ids:
+            first = row_ids.index(tok.eos_token_id)
+            ended += 1
+            assert row_m[: first + 1] == [1.0] * (first + 1)  # the EOS itself is trained on
+            assert row_m[first + 1 :] == [0.0] * (len(row_ids) - first - 1)  # pad (== eos) is not
+        else:
+            assert row_m == [1.0] * len(row_ids)
+    assert ended > 0
+    assert torch.all(r.logp_old_BT[m == 0] == 0)
+    cfg = tiny_cfg(tiny_models, tmp_path / "run", f"models.student={folder}", "max_steps=2",
+                   "rollout.prompts_per_step=2", "optim.minibatch_size=8", "optim.micro_batch_size=8")
+    history = train(cfg)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+
+
+def test_vocab_alignment(tiny_models, tmp_path):
+    teacher = load_causal_lm(tiny_models["teacher"])
+    student = load_causal_lm(tiny_models["student"])
+    tok = AutoTokenizer.from_pretrained(tiny_models["student"])
+    assert teacher.lm_head.weight.shape[0] == len(tok) + 3
+    assert aligned_vocab_size(teacher, student, tok) == len(tok)
+    short = build_tiny_checkpoint(tmp_path / "short", alphabet="0123456789+=,", hidden_size=32, num_layers=1)
+    with pytest.raises(ModelLoadError, match="lm_head has 16 rows but the tokenizer has 17"):
+        aligned_vocab_size(teacher, load_causal_lm(short), tok)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["rollout.nn=3"], "unknown key 'rollout.nn'"),
+        (["rollout.n=three"], "rollout.n: must be an integer"),
+        (["loss.tau=-1"], "tau must be >= 0"),
+        (["optim.minibatch_size=7", "optim.micro_batch_size=7"], "optim.minibatch_size: must divide the rollout batch"),
+        (["optim.micro_batch_size=3"], "optim.micro_batch_size: must divide optim.minibatch_size"),
+        (["objective=nope"], "unknown objective 'nope'"),
+        (["loss.bogus=1"], "unknown objective field"),
+        (["loss.temperature=0.5"], "must equal rollout.temperature"),
+        (["models.build_teacher=null", "models.teacher=./missing-folder"],
+         "models.teacher: folder './missing-folder' does not exist"),
+        (["models.build_teacher=null", "models.teacher=/nonexistent/teacher"], "does not exist"),
+        (["max_steps=0"], "max_steps: must be > 0"),
+        (["rollout.top_p=1.5"], "rollout.top_p: must be in (0, 1]"),
+        (["loss_impl=magic"], "loss_impl: must be fused or plain"),
+    ],
+)
+def test_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_top_k_larger_than_vocab_is_a_config_error(tiny_models, tmp_path):
+    with pytest.raises(ConfigError, match=r"loss.top_k: 64 exceeds the vocabulary \(17 tokens\)"):
+        Distiller(tiny_cfg(tiny_models, tmp_path, "loss.top_k=64"))
+
+
+def test_cli_reports_config_error_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "eopd", "train", TINY, "rollout.n=0"], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "eopd train: rollout.n: must be > 0, got 0"
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_exits(tiny_models, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "eopd", "train", TINY, f"models.teacher={tiny_models['teacher']}",
+           f"models.student={tiny_models['student']}", f"output_dir={out}", "max_steps=500", "num_threads=1",
+           "tensorboard=false", "rollout.prompts_per_step=2", "optim.minibatch_size=8", "optim.micro_batch_size=8"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_metrics(out / "metrics.jsonl")) < 2:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None and int(ckpt.name.split("_")[1]) >= 2
+    assert "continue with resume=true" in output
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tiny_models, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp"
+    cmd = [str(torchrun), "--nproc_per_node", "2", "-m", "eopd", "train", TINY,
+           f"models.teacher={tiny_models['teacher']}", f"models.student={tiny_models['student']}",
+           f"output_dir={out}", "max_steps=3", "num_threads=1", "tensorboard=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]  # written once, by the main process
+    assert proc.stdout.count("done: 3 steps") == 1
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rollout"]["prompts_per_step"] == 8
+    # tokens are reduced over both processes: 8 prompts x 4 samples, each of 1..24 tokens
+    assert 32 <= rows[0]["tokens"] <= 32 * 24
+    AutoModelForCausalLM.from_pretrained(out / "final")
