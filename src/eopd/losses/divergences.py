@@ -80,8 +80,17 @@ def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: floa
 
 
 def _log_mixture(logp: Tensor, logq: Tensor, w_p: float) -> Tensor:
-    """log(w_p * p + (1 - w_p) * q) computed stably from log-probs, for 0 < w_p < 1."""
-    return torch.logaddexp(logp + math.log(w_p), logq + math.log1p(-w_p))
+    """log(w_p * p + (1 - w_p) * q) computed stably from log-probs, for 0 < w_p < 1.
+
+    Where both are ``-inf`` (a row padded in both models) the result is ``-inf`` with a zero gradient:
+    ``logaddexp``'s own backward is NaN there (``exp(-inf - -inf)``), so those entries are routed around it.
+    """
+    a = logp + math.log(w_p)
+    b = logq + math.log1p(-w_p)
+    both_zero = torch.isneginf(a) & torch.isneginf(b)
+    return torch.logaddexp(a.masked_fill(both_zero, 0.0), b.masked_fill(both_zero, 0.0)).masked_fill(
+        both_zero, float("-inf")
+    )
 
 
 def generalized_jsd(
@@ -236,9 +245,10 @@ def topk_forward_kl(
 
     ``sum_{v in topk} p~_T(v) (log p~_T(v) - log q(v))`` where ``p~_T`` is the teacher renormalised on its
     top-k and ``log q`` is the student's FULL-vocabulary log-softmax gathered at those ids. Because q is not
-    renormalised, the value is not a KL between two distributions on the top-k and can be below zero when the
-    student puts more mass on the top-k than the renormalised teacher does; its gradient still pulls q
-    towards p~_T on the top-k. See ``topk_forward_kl_with_tail`` for the unbiased variant.
+    renormalised, the value is not a KL between two distributions on the top-k; it is still >= 0 (log-sum
+    inequality: it is >= -log sum_k q(v_k) >= 0) and is 0 only when q = p~_T on the top-k (no student mass
+    outside it). Its gradient ``q - p~_T`` pulls q towards p~_T on the top-k and pushes every other id down.
+    See ``topk_forward_kl_with_tail`` for the unbiased variant.
 
     Args:
         student_logits: ``[..., V]``.
@@ -267,11 +277,17 @@ def topk_forward_kl_with_tail(
     between two distributions on K + 1 outcomes, so it is >= 0, never exceeds the full forward KL (data
     processing) and equals it when the teacher's tail is empty; no renormalisation bias. ``q_tail`` is
     computed as a log-sum-exp over the non-top-k logits, so it has no cancellation error.
+
+    When no id outside the top-k has student mass (k = V, or only ``-inf`` padded rows are left) the bucket
+    is empty on both sides: ``p_tail``, which is ``1 - sum_k p_T`` and so only known to rounding, is set to 0
+    there instead of giving ``p_tail log(p_tail / 0) = +inf``.
     """
     logq_full = log_probs(student_logits, temperature)
     logq_k = logq_full.gather(-1, teacher_topk_ids)
     logq_rest = logq_full.scatter(-1, teacher_topk_ids, float("-inf"))
-    logq_tail = torch.logsumexp(logq_rest, dim=-1, keepdim=True)
+    tail_empty = torch.isneginf(logq_rest).all(dim=-1, keepdim=True)
+    logq_tail = torch.logsumexp(logq_rest.masked_fill(tail_empty, 0.0), dim=-1, keepdim=True)
+    logq_tail = logq_tail.masked_fill(tail_empty, float("-inf"))
     logp_k = upcast(teacher_topk_logprobs)
-    logp_tail = log1mexp(torch.logsumexp(logp_k, dim=-1, keepdim=True))
+    logp_tail = log1mexp(torch.logsumexp(logp_k, dim=-1, keepdim=True)).masked_fill(tail_empty, float("-inf"))
     return kl_from_log_probs(torch.cat([logp_k, logp_tail], -1), torch.cat([logq_k, logq_tail], -1))

@@ -96,6 +96,7 @@ class ObjectiveConfig:
             (0 <= self.beta <= 1, f"beta must be in [0, 1], got {self.beta}"),
             (0 <= self.skew_alpha < 1, f"skew_alpha must be in [0, 1), got {self.skew_alpha}"),
             (0 < self.akl_mu <= 1, f"akl_mu must be in (0, 1], got {self.akl_mu}"),
+            (self.todi_beta > 0, f"todi_beta must be > 0, got {self.todi_beta}"),
             (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
             (self.divergence is not None or self.rkl != "none" or self.fkl != "none",
              "objective has no term: set rkl, fkl or divergence"),
