@@ -461,6 +461,8 @@ class Distiller:
         interrupted = False
         previous = signal.getsignal(signal.SIGINT)
         try:
+            if cfg.eval.every and self.state.step == 0:
+                logger.log(0, self.evaluate())  # the starting point of every curve
             while self.state.step < cfg.max_steps:
                 metrics = self.step()
                 if cfg.eval.every and self.state.step % cfg.eval.every == 0:
@@ -486,25 +488,51 @@ class Distiller:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Periodic evaluation on the task's eval split with the shared evaluation code."""
+        """Periodic evaluation on the task's eval split with the shared evaluation code (``eopd eval``'s).
+
+        Besides Avg@n and pass@k, tasks with a notion of reasoning path (``path_key``) report the mean number
+        of distinct paths among each problem's correct samples, and, when the task names a reference path
+        (``reference_path``), the share of correct samples that take it.
+        """
         from eopd.evaluation import evaluate_problems
+        from eopd.tasks.math import extract_boxed
 
         e = self.cfg.eval
-        problems = self.task.problems(e.split)[: e.problems]
-        problems = problems[self.rank :: self.world]
+        problems = self.task.problems(e.split)[: e.problems][self.rank :: self.world]
         g = torch.Generator(device=self.gens["sample"].device).manual_seed(self.cfg.seed + 12_345)
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
         result = evaluate_problems(
-            self.accelerator.unwrap_model(self.model), self.tokenizer, problems, self.task.grade, n=e.n,
-            temperature=e.temperature, top_p=e.top_p,
-            max_new_tokens=e.max_new_tokens or self.cfg.rollout.max_new_tokens,
-            generator=g, use_chat_template=self.cfg.data.chat_template,
+            model, self.tokenizer, problems, self.task.grade, n=e.n, temperature=e.temperature, top_p=e.top_p,
+            max_new_tokens=e.max_new_tokens or self.cfg.rollout.max_new_tokens, generator=g,
+            use_chat_template=self.cfg.data.chat_template, answer_fn=getattr(self.task, "answer_of", extract_boxed),
         )
-        m = result.metrics
-        keys = sorted(k for k, v in m.items() if isinstance(v, int | float))
-        local = torch.tensor([m[k] * len(problems) for k in keys] + [len(problems)], dtype=torch.float64,
-                             device=self.device)
+        records = [r for b in result.benchmarks.values() for r in b.problems]
+        # per-problem means of the shared metrics, summed here and divided after the cross-process reduce
+        sums = {k: sum(b.metrics[k] * len(b.problems) for b in result.benchmarks.values())
+                for k in next(iter(result.benchmarks.values())).metrics if k != "num_problems"}
+        sums["avg@n"] = sums[f"avg@{e.n}"]
+        ref = getattr(self.task, "reference_path", None)
+        by_id = {p.id: p for p in problems}
+        correct_total = on_reference = distinct = 0.0
+        for rec in records:
+            paths = [self.task.path_key(x.text) for x in rec.completions if x.correct]
+            distinct += len({q for q in paths if q is not None})
+            if ref is not None:
+                target = ref(by_id[rec.id])
+                correct_total += len(paths)
+                on_reference += sum(1 for q in paths if q == target)
+        sums["distinct_correct_paths"] = distinct
+        keys = sorted(sums)
+        local = torch.tensor([sums[k] for k in keys] + [len(records), on_reference, correct_total],
+                             dtype=torch.float64, device=self.device)
         total = self._reduce(local)
-        return {f"eval/{k}": float(total[i] / max(float(total[-1]), 1.0)) for i, k in enumerate(keys)}
+        count = max(float(total[len(keys)]), 1.0)
+        out = {f"eval/{k}": float(total[i]) / count for i, k in enumerate(keys)}
+        if ref is not None:
+            out["eval/base_path_share"] = float(total[-2]) / max(float(total[-1]), 1.0)
+        model.train()
+        return out
 
 
 def train(cfg: TrainConfig) -> list[dict[str, float]]:
