@@ -267,6 +267,9 @@ class Distiller:
         if r.prompts_per_step % self.world or (o.minibatch_size % self.world):
             raise ConfigError(f"rollout.prompts_per_step ({r.prompts_per_step}) and optim.minibatch_size "
                               f"({o.minibatch_size}) must be divisible by the number of processes ({self.world})")
+        if self.cfg.eval.every and self.cfg.eval.problems < self.world:
+            raise ConfigError(f"eval.problems ({self.cfg.eval.problems}) must be at least the number of processes "
+                              f"({self.world}): each process evaluates its share")
 
     def _prompt_order(self, epoch: int) -> Tensor:
         g = torch.Generator().manual_seed(self.cfg.seed * 7_919 + epoch)

@@ -1,0 +1,413 @@
+"""Generation backends for the evaluation: Hugging Face (our KV-cache sampler) and vLLM (optional).
+
+Both turn prompt texts into ``n`` ``Generation`` records per prompt (text, length in tokens, whether it
+ended with EOS, the model's mean token entropy on it), so the grading and metrics never know which
+backend ran. Prompts are formatted and tokenised identically for both (``prompt_token_ids``).
+
+Entropy: the HF backend computes the exact entropy of the temperature-scaled full-vocabulary
+distribution at every completion position (an extra no-grad forward over the sampled sequences). vLLM
+only returns the top-``k`` log-probs per position, so its entropy is the top-``k`` estimate that lumps the
+remaining mass into one outcome: a lower bound on the true entropy, exact when the tail is negligible.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from os import PathLike
+from typing import Any, Protocol
+
+import torch
+
+from eopd.rollout import Rollout, decode_completions, position_ids_from_mask, sample
+
+logger = logging.getLogger(__name__)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A generation backend cannot run here (missing package or GPU); the message says what to install."""
+
+
+@dataclass
+class Generation:
+    """One sampled completion.
+
+    Attributes:
+        text: The decoded completion (special tokens removed).
+        num_tokens: Tokens generated, the final EOS included when there is one.
+        finished: True when it ended with EOS, False when it hit ``max_new_tokens``.
+        mean_entropy: Mean over its tokens of the model's next-token entropy (nats), None if unknown.
+    """
+
+    text: str
+    num_tokens: int
+    finished: bool
+    mean_entropy: float | None
+
+
+class GenerationBackend(Protocol):
+    """What the evaluation needs from a backend."""
+
+    name: str
+    entropy_kind: str
+
+    def generate(self, prompts: Sequence[str], n: int) -> list[list[Generation]]:
+        """``n`` completions for each prompt text, in prompt order."""
+        ...
+
+
+def resolve_chat_template(tokenizer: Any, use_chat_template: bool | str) -> bool:
+    """``"auto"`` -> whether the tokenizer has a chat template; True without one is an error."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if use_chat_template == "auto":
+        return has_template
+    if use_chat_template and not has_template:
+        raise ValueError(
+            "a chat template was required (use_chat_template=True / --chat-template on) but the tokenizer has "
+            "none; use 'auto' (template when present) or off"
+        )
+    return bool(use_chat_template)
+
+
+def prompt_token_ids(tokenizer: Any, prompts: Sequence[str], use_chat_template: bool) -> list[list[int]]:
+    """Token ids of each prompt, as a single user turn through the chat template when asked.
+
+    With a template the template's own special tokens are kept and none added; without one the tokenizer
+    adds its usual ones (e.g. a BOS).
+    """
+    out = []
+    for text in prompts:
+        if use_chat_template:
+            chat = [{"role": "user", "content": text}]
+            formatted = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            out.append(list(tokenizer(formatted, add_special_tokens=False)["input_ids"]))
+        else:
+            out.append(list(tokenizer(text)["input_ids"]))
+    return out
+
+
+def eos_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
+    """End-of-completion ids: the tokenizer's EOS plus the model's generation-config EOS ids (chat models
+    often end turns with a different token, e.g. Qwen's ``<|im_end|>``)."""
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    gen_cfg = getattr(model, "generation_config", None)
+    extra = getattr(gen_cfg, "eos_token_id", None)
+    for e in extra if isinstance(extra, list) else [extra]:
+        if e is not None and int(e) not in ids:
+            ids.append(int(e))
+    if not ids:
+        raise ValueError("the tokenizer has no eos_token and the model's generation_config names none")
+    return ids
+
+
+def _hidden_states_BLH(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor | None:
+    """Final hidden states of the decoder body (None when the model does not expose one we can trust)."""
+    if getattr(model.config, "final_logit_softcapping", None):
+        return None  # logits are not just lm_head(hidden); use the full forward
+    try:
+        body = model.get_decoder()
+    except (AttributeError, NotImplementedError):
+        return None
+    if body is None or body is model:
+        return None
+    out = body(
+        input_ids=rollout.sequences_BL,
+        attention_mask=rollout.attention_mask_BL,
+        position_ids=position_ids_from_mask(rollout.attention_mask_BL),
+        use_cache=False,
+    )
+    return out.last_hidden_state
+
+
+def _entropy_from_logits(logits_BTV: torch.Tensor, temperature: float, vocab_size: int) -> torch.Tensor:
+    """Entropy (nats) of ``softmax(logits / temperature)`` over the first ``vocab_size`` ids, ``[B, T]``."""
+    logp_BTV = torch.log_softmax(logits_BTV[..., :vocab_size].float() / temperature, dim=-1)
+    return -(logp_BTV.exp() * logp_BTV).sum(-1)
+
+
+def _rows_entropy_BT(
+    model: torch.nn.Module, rollout: Rollout, temperature: float, vocab_size: int, max_chunk_elements: int
+) -> torch.Tensor:
+    """``completion_entropy_BT`` for one group of rows (unmasked)."""
+    P, T = rollout.prompt_len, rollout.completion_ids_BT.shape[1]
+    hidden_BLH = _hidden_states_BLH(model, rollout)
+    if hidden_BLH is None:
+        logits_BLV = model(
+            input_ids=rollout.sequences_BL,
+            attention_mask=rollout.attention_mask_BL,
+            position_ids=position_ids_from_mask(rollout.attention_mask_BL),
+            use_cache=False,
+        ).logits
+        return _entropy_from_logits(logits_BLV[:, P - 1 : P - 1 + T], temperature, vocab_size)
+    lm_head = model.get_output_embeddings()
+    hidden_BTH = hidden_BLH[:, P - 1 : P - 1 + T]
+    step = max(1, max_chunk_elements // max(1, hidden_BTH.shape[0] * lm_head.weight.shape[0]))
+    chunks = [
+        _entropy_from_logits(lm_head(hidden_BTH[:, s : s + step]), temperature, vocab_size) for s in range(0, T, step)
+    ]
+    return torch.cat(chunks, dim=1)
+
+
+@torch.no_grad()
+def completion_entropy_BT(
+    model: torch.nn.Module,
+    rollout: Rollout,
+    *,
+    temperature: float,
+    vocab_size: int,
+    rows_per_forward: int = 8,
+    max_chunk_elements: int = 1 << 26,
+) -> torch.Tensor:
+    """The model's entropy at each completion position of a rollout (0 where masked).
+
+    Position ``t`` of the completion is predicted by the logits at sequence column ``P - 1 + t``. Rows go
+    through the model ``rows_per_forward`` at a time, and the lm_head is applied in time chunks of at most
+    ``max_chunk_elements`` logits, so a long rollout over a 150k-token vocabulary never materialises
+    ``[B, T, V]`` (nor eager attention's ``[B, heads, L, L]``) at once.
+
+    Args:
+        model: The causal LM that sampled the rollout.
+        rollout: Its samples; ``sequences_BL`` is ``[B, P + T]``.
+        temperature: The sampling temperature (the entropy is of the tempered distribution).
+        vocab_size: Tokenizer vocabulary; padded lm_head rows are excluded.
+        rows_per_forward: Rows per forward pass.
+        max_chunk_elements: Upper bound on logits held at once.
+
+    Returns:
+        Entropy in nats, float32, ``[B, T]``.
+    """
+    B = rollout.sequences_BL.shape[0]
+    parts = [
+        _rows_entropy_BT(
+            model, rollout.select(slice(r, r + rows_per_forward)), temperature, vocab_size, max_chunk_elements
+        )
+        for r in range(0, B, rows_per_forward)
+    ]
+    return torch.cat(parts, dim=0) * rollout.completion_mask_BT
+
+
+class HFBackend:
+    """Sampling with ``eopd.rollout.sample`` (batched, KV cache, explicit generator) on CPU or GPU.
+
+    Args:
+        model: A causal LM (put in eval mode while generating, its mode restored afterwards).
+        tokenizer: Its tokenizer (pad token set).
+        temperature: Sampling temperature.
+        top_p: Nucleus mass.
+        max_new_tokens: Completion budget.
+        batch_size: Sequences per sampling call (prompts per call = ``max(1, batch_size // n)``).
+        generator: Randomness, on the model's device.
+        use_chat_template: Whether prompts go through the tokenizer's chat template.
+    """
+
+    name = "hf"
+    entropy_kind = "exact"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        batch_size: int,
+        generator: torch.Generator,
+        use_chat_template: bool,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.temperature = temperature
+        self.top_p = top_p
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.generator = generator
+        self.use_chat_template = use_chat_template
+        self.eos_ids = eos_token_ids(tokenizer, model)
+
+    def _generate_chunk(self, ids: list[list[int]], n: int) -> list[list[Generation]]:
+        """Sample ``n`` completions for each of a few prompts and measure them."""
+        rollout = sample(
+            self.model,
+            ids,
+            n=n,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            eos_token_ids=self.eos_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+            generator=self.generator,
+            vocab_size=len(self.tokenizer),
+        )
+        texts = decode_completions(self.tokenizer, rollout)
+        entropy_BT = completion_entropy_BT(
+            self.model, rollout, temperature=self.temperature, vocab_size=len(self.tokenizer)
+        )
+        lengths_B = rollout.lengths_B()
+        mean_entropy_B = (entropy_BT.sum(1) / lengths_B.clamp(min=1)).tolist()
+        is_eos_BT = torch.isin(rollout.completion_ids_BT, torch.tensor(self.eos_ids, device=lengths_B.device))
+        finished_B = (is_eos_BT & (rollout.completion_mask_BT > 0)).any(1).tolist()
+        gens = [
+            Generation(text=t, num_tokens=int(n_tok), finished=bool(f), mean_entropy=float(h))
+            for t, n_tok, f, h in zip(texts, lengths_B.tolist(), finished_B, mean_entropy_B, strict=True)
+        ]
+        return [gens[i * n : (i + 1) * n] for i in range(len(ids))]
+
+    def generate(self, prompts: Sequence[str], n: int) -> list[list[Generation]]:
+        """``n`` completions per prompt; prompts are batched longest first (less padding, early OOM)."""
+        ids = prompt_token_ids(self.tokenizer, prompts, self.use_chat_template)
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        per_call = max(1, self.batch_size // n)
+        out: list[list[Generation]] = [[] for _ in ids]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(order), per_call):
+                chunk = order[start : start + per_call]
+                for i, gens in zip(chunk, self._generate_chunk([ids[i] for i in chunk], n), strict=True):
+                    out[i] = gens
+                logger.info("generated %d/%d prompts", min(start + per_call, len(order)), len(order))
+        finally:
+            self.model.train(was_training)
+        return out
+
+
+def topk_entropy(position_logprobs: Sequence[float]) -> float:
+    """Entropy estimate from the top-k log-probs of one position: the missing mass counts as one outcome.
+
+    A lower bound on the full-distribution entropy.
+    """
+    probs = [math.exp(lp) for lp in position_logprobs if lp > -math.inf]
+    rest = max(0.0, 1.0 - sum(probs))
+    return -sum(p * math.log(p) for p in probs if p > 0) - (rest * math.log(rest) if rest > 0 else 0.0)
+
+
+def import_vllm() -> Any:
+    """The ``vllm`` module, or a ``BackendUnavailableError`` saying what is missing."""
+    try:
+        import vllm
+    except ImportError as err:
+        raise BackendUnavailableError(
+            "the vLLM backend needs vLLM and a CUDA GPU: pip install 'eopd[vllm]' on a GPU machine, or use --backend hf"
+        ) from err
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError("the vLLM backend needs a CUDA GPU (none is visible); use --backend hf")
+    return vllm
+
+
+class VLLMBackend:
+    """Sampling with vLLM (``LLM.generate``) from a checkpoint path or Hub id; needs ``eopd[vllm]`` and a GPU.
+
+    Args:
+        model_path: What ``vllm.LLM(model=...)`` loads.
+        tokenizer: The checkpoint's HF tokenizer (prompts are tokenised here, exactly as the HF backend does).
+        temperature: Sampling temperature.
+        top_p: Nucleus mass.
+        max_new_tokens: Completion budget (``max_tokens``).
+        seed: Engine seed.
+        use_chat_template: Whether prompts go through the tokenizer's chat template.
+        dtype: vLLM dtype (``"auto"``, ``"bfloat16"``, ...).
+        top_logprobs: Log-probs returned per position for the entropy estimate.
+        **llm_kwargs: Passed to ``vllm.LLM`` (``gpu_memory_utilization``, ``tensor_parallel_size``, ...).
+    """
+
+    name = "vllm"
+    entropy_kind = "top20-lower-bound"
+
+    def __init__(
+        self,
+        model_path: str,
+        tokenizer: Any,
+        *,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seed: int,
+        use_chat_template: bool,
+        dtype: str = "auto",
+        top_logprobs: int = 20,
+        **llm_kwargs: Any,
+    ) -> None:
+        self.vllm = import_vllm()
+        self.tokenizer = tokenizer
+        self.temperature = temperature
+        self.top_p = top_p
+        self.max_new_tokens = max_new_tokens
+        self.use_chat_template = use_chat_template
+        self.top_logprobs = top_logprobs
+        self.entropy_kind = f"top{top_logprobs}-lower-bound"
+        self.llm = self.vllm.LLM(model=str(model_path), dtype=dtype, seed=seed, **llm_kwargs)
+
+    def generate(self, prompts: Sequence[str], n: int) -> list[list[Generation]]:
+        """``n`` completions per prompt (vLLM schedules and batches internally)."""
+        params = self.vllm.SamplingParams(
+            n=n,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_tokens=self.max_new_tokens,
+            logprobs=self.top_logprobs,
+        )
+        ids = prompt_token_ids(self.tokenizer, prompts, self.use_chat_template)
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in ids], params)
+        return [[self._record(c) for c in request.outputs] for request in outputs]
+
+    @staticmethod
+    def _record(completion: Any) -> Generation:
+        """A vLLM ``CompletionOutput`` as a ``Generation``."""
+        positions = completion.logprobs or []
+        entropies = [topk_entropy([lp.logprob for lp in pos.values()]) for pos in positions if pos]
+        return Generation(
+            text=completion.text,
+            num_tokens=len(completion.token_ids),
+            finished=completion.finish_reason == "stop",
+            mean_entropy=sum(entropies) / len(entropies) if entropies else None,
+        )
+
+
+def make_backend(
+    kind: str,
+    model: torch.nn.Module | str,
+    tokenizer: Any,
+    *,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    batch_size: int,
+    generator: torch.Generator | None,
+    seed: int,
+    use_chat_template: bool,
+) -> GenerationBackend:
+    """Build the ``"hf"`` backend (a loaded model; generator default: seeded on the model's device) or the
+    ``"vllm"`` one (a checkpoint path or Hub id)."""
+    if kind == "hf":
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError("the hf backend needs a loaded model (eopd.models.load_causal_lm), not a path")
+        if generator is None:
+            generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+        return HFBackend(
+            model,
+            tokenizer,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            generator=generator,
+            use_chat_template=use_chat_template,
+        )
+    if kind == "vllm":
+        if not isinstance(model, (str, PathLike)):
+            raise TypeError("the vllm backend loads the checkpoint itself: pass its path or Hub id, not a model")
+        return VLLMBackend(
+            str(model),
+            tokenizer,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            use_chat_template=use_chat_template,
+        )
+    raise ValueError(f"backend must be 'hf' or 'vllm', got {kind!r}")
