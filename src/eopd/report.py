@@ -1,0 +1,132 @@
+"""Reports of comparisons across objectives and seeds: a markdown table (mean ± std) and PNG plots.
+
+Inputs are plain records so any driver (the demo, a sweep script) can use them:
+
+- ``RunResult(objective, seed, final: {metric: value}, curve: [{step, metric: value}, ...])``
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class RunResult:
+    """One distillation run's evaluation.
+
+    Attributes:
+        objective: Preset name.
+        seed: Seed of the run.
+        final: Metrics of the final evaluation.
+        curve: Periodic evaluations, each with a ``step`` key.
+        seconds: Wall time of the run.
+    """
+
+    objective: str
+    seed: int
+    final: dict[str, float]
+    curve: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value); NaNs are dropped."""
+    xs = [v for v in values if v is not None and not math.isnan(v)]
+    if not xs:
+        return float("nan"), float("nan")
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def grouped(results: Sequence[RunResult]) -> dict[str, list[RunResult]]:
+    """Results by objective, in first-seen order."""
+    out: dict[str, list[RunResult]] = {}
+    for r in results:
+        out.setdefault(r.objective, []).append(r)
+    return out
+
+
+def markdown_table(results: Sequence[RunResult], columns: Sequence[tuple[str, str, int]],
+                   baseline: dict[str, float] | None = None, baseline_name: str = "base student") -> str:
+    """A table with one row per objective: ``mean ± std`` over seeds of each column.
+
+    Args:
+        results: Runs.
+        columns: ``(metric key, header, decimals)``.
+        baseline: Optional metrics of a reference model (one row, no std).
+        baseline_name: Its row label.
+    """
+    head = "| objective | seeds | " + " | ".join(h for _, h, _ in columns) + " |"
+    sep = "|---|---|" + "---|" * len(columns)
+    lines = [head, sep]
+    if baseline is not None:
+        cells = [f"{baseline.get(k, float('nan')):.{d}f}" for k, _, d in columns]
+        lines.append(f"| {baseline_name} | - | " + " | ".join(cells) + " |")
+    for name, runs in grouped(results).items():
+        cells = []
+        for key, _, d in columns:
+            m, s = mean_std([r.final.get(key, float("nan")) for r in runs])
+            cells.append(f"{m:.{d}f} ± {s:.{d}f}")
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(results: Sequence[RunResult], metrics: Sequence[tuple[str, str]], path: str | Path,
+                title: str = "") -> Path:
+    """One panel per metric: mean over seeds per objective with a ±1 std band, against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], metrics, strict=True):
+        for name, runs in grouped(results).items():
+            steps = sorted({int(p["step"]) for r in runs for p in r.curve if key in p})
+            if not steps:
+                continue
+            per_step = [[p[key] for r in runs for p in r.curve if int(p["step"]) == s and key in p] for s in steps]
+            stats = [mean_std(v) for v in per_step]
+            mean = [m for m, _ in stats]
+            std = [s for _, s in stats]
+            line = ax.plot(steps, mean, label=name, linewidth=1.6)[0]
+            ax.fill_between(steps, [m - s for m, s in zip(mean, std, strict=True)],
+                            [m + s for m, s in zip(mean, std, strict=True)], color=line.get_color(), alpha=0.18)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_entropy_histogram(entropies: Sequence[float], tau: float, path: str | Path, title: str = "") -> Path:
+    """Histogram of teacher entropy on student samples with the gate threshold marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    ax.hist(list(entropies), bins=60, color="#4c72b0", alpha=0.85)
+    ax.set_yscale("log")
+    ax.axvline(tau, color="#c44e52", linestyle="--", label=f"gate tau = {tau:.2f} nats")
+    gated = sum(1 for h in entropies if h >= tau) / max(len(entropies), 1)
+    ax.set_xlabel("teacher entropy H_t (nats) at student-sampled positions")
+    ax.set_ylabel("tokens (log scale)")
+    ax.legend(title=f"gated share {gated:.1%}", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
