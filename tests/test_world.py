@@ -1,0 +1,178 @@
+"""The embedded world: a tiny real teacher/student pair, the cache, the measurements, the config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from eopd import world
+from eopd.models import load_causal_lm, load_tokenizer
+from eopd.sft import SFTConfig
+from eopd.tasks.arithmetic import ArithmeticConfig, ArithmeticTask
+from eopd.world import (
+    ModelSpec,
+    WorldConfig,
+    build_world,
+    config_hash,
+    default_cache_dir,
+    measure,
+    pass_at_k,
+    world_config_from_dict,
+)
+
+# A three-term world small enough to train inside the test suite (~18 s on one thread), yet real: the
+# teacher learns four order styles; it measured pass@1 0.805, 1.86 distinct correct paths out of 4 samples
+# and entropy 0.72 vs 0.02 nats at choice vs arithmetic tokens (100 test prompts), so the bounds below
+# leave room for platform differences in float rounding. The 60-step student measured pass@1 0.03.
+TINY_TEACHER_PASS1 = 0.7
+
+
+def _tiny_world() -> WorldConfig:
+    return WorldConfig(
+        task=ArithmeticConfig(num_terms=3, test_size=100),
+        teacher=ModelSpec(hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=128,
+                          sft=SFTConfig(steps=800, batch_size=32, lr=5e-3, warmup_steps=20, num_threads=1,
+                                        log_every=0)),
+        student=ModelSpec(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                          init_seed=10, data_seed=11,
+                          sft=SFTConfig(steps=60, batch_size=32, lr=1e-2, warmup_steps=5, num_threads=1,
+                                        log_every=0)),
+        max_position_embeddings=64,
+    )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Sampling a tiny model is all small ops: one thread avoids OpenMP stalls on a busy 2-core CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def built_world(tmp_path_factory) -> tuple[Path, tuple[Path, Path, Path], list[str]]:
+    cache = tmp_path_factory.mktemp("world-cache")
+    logs: list[str] = []
+    paths = build_world(_tiny_world(), cache, log=logs.append)
+    return cache, paths, logs
+
+
+def test_build_writes_hf_folders_under_the_config_hash(built_world) -> None:
+    cache, (teacher, student, tokenizer), logs = built_world
+    cfg = _tiny_world()
+    assert teacher.parent == student.parent == tokenizer.parent == cache / cfg.key()
+    for folder in (teacher, student):
+        assert {"config.json", "model.safetensors", "tokenizer.json", "eopd_world.json"} <= {
+            p.name for p in folder.iterdir()}
+        info = json.loads((folder / "eopd_world.json").read_text())
+        assert info["hash"] == cfg.key() and "eopd sft --role" in info["reproduce"]
+    assert AutoTokenizer.from_pretrained(tokenizer).encode("1+2=", add_special_tokens=False) == [4, 13, 5, 14]
+    assert any("training the teacher" in line for line in logs)
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temp folder left behind
+    assert sum(p.numel() for p in load_causal_lm(student).parameters()) < sum(
+        p.numel() for p in load_causal_lm(teacher).parameters())
+
+
+def test_second_build_skips_training(built_world, monkeypatch) -> None:
+    cache, paths, _ = built_world
+    stamp = paths[0].joinpath("model.safetensors").stat().st_mtime_ns
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("build_world retrained a cached world")
+
+    monkeypatch.setattr(world, "train_role", no_training)
+    logs: list[str] = []
+    assert build_world(_tiny_world(), cache, log=logs.append) == paths
+    assert any("cached" in line for line in logs)
+    assert paths[0].joinpath("model.safetensors").stat().st_mtime_ns == stamp
+    # a different config is a different world: it would train (and here hits the patched trainer)
+    other = _tiny_world()
+    other.student.sft = SFTConfig(steps=61, batch_size=32, lr=1e-2, warmup_steps=5)
+    with pytest.raises(AssertionError, match="retrained"):
+        build_world(other, cache)
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # the failed build cleaned up
+
+
+def test_tiny_teacher_is_accurate_and_multi_path(built_world) -> None:
+    _, (teacher_path, student_path, tok_path), _ = built_world
+    task = ArithmeticTask(_tiny_world().task)
+    tok = load_tokenizer(tok_path)
+    stats = measure(load_causal_lm(teacher_path), tok, task, n_problems=100, n_samples=4,
+                    generator=torch.Generator().manual_seed(0))
+    assert stats["pass@1"] >= TINY_TEACHER_PASS1, stats
+    assert stats["distinct_correct_paths"] > 1.5, stats  # several orders, not one
+    assert stats["entropy_choice"] > 5 * stats["entropy_arithmetic"], stats
+    base = measure(load_causal_lm(student_path), tok, task, n_problems=50, n_samples=4,
+                   generator=torch.Generator().manual_seed(0))
+    assert base["pass@1"] < stats["pass@1"], (base, stats)
+
+
+def test_same_config_trains_the_same_weights() -> None:
+    cfg = _tiny_world()
+    cfg.student.sft = SFTConfig(steps=5, batch_size=8, warmup_steps=1, num_threads=1)
+    torch.manual_seed(123)
+    a, _ = world.train_role(cfg, "student")
+    torch.manual_seed(456)  # the global RNG must not matter
+    b, _ = world.train_role(cfg, "student")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+
+
+def test_config_hash_ignores_threads_but_not_budgets() -> None:
+    a, b, c = WorldConfig(), WorldConfig(), WorldConfig()
+    b.teacher.sft.num_threads = 2
+    c.teacher.sft.steps += 1
+    assert config_hash(a) == config_hash(b) == a.key()
+    assert config_hash(a) != config_hash(c)
+    d = WorldConfig(task=ArithmeticConfig(teacher_styles={"random": 1.0}))
+    assert config_hash(a) != config_hash(d)
+
+
+def test_world_config_from_dict_overrides_only_named_keys() -> None:
+    cfg = world_config_from_dict({"task": {"num_terms": 3, "test_size": 50},
+                                  "teacher": {"sft": {"steps": 7, "warmup_steps": 1}}})
+    default = WorldConfig()
+    assert cfg.task.num_terms == 3 and cfg.task.teacher_styles == default.task.teacher_styles
+    assert cfg.teacher.sft.steps == 7 and cfg.teacher.sft.batch_size == default.teacher.sft.batch_size
+    assert cfg.teacher.hidden_size == default.teacher.hidden_size
+    assert cfg.student == default.student
+    assert world_config_from_dict(None) == default
+    with pytest.raises(ValueError, match=r"world.teacher has unknown key\(s\) \['hidden'\]"):
+        world_config_from_dict({"teacher": {"hidden": 3}})
+    with pytest.raises(ValueError, match=r"world.student.sft has unknown"):
+        world_config_from_dict({"student": {"sft": {"epochs": 3}}})
+    with pytest.raises(ValueError, match="divisible"):
+        world_config_from_dict({"teacher": {"hidden_size": 90}})
+
+
+def test_max_positions_must_fit_the_longest_sequence() -> None:
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        WorldConfig(max_position_embeddings=16)
+
+
+def test_default_cache_dir_honours_env(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("EOPD_CACHE", str(tmp_path / "c"))
+    assert default_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("EOPD_CACHE")
+    assert default_cache_dir() == Path("~/.cache/eopd/world").expanduser()
+
+
+def test_pass_at_k_matches_the_definition() -> None:
+    assert pass_at_k(8, 0, 8) == 0.0
+    assert pass_at_k(8, 1, 8) == 1.0
+    assert pass_at_k(8, 4, 1) == pytest.approx(0.5)
+    assert pass_at_k(4, 2, 2) == pytest.approx(1 - (2 / 4) * (1 / 3))
+
+
+def test_default_sizes_match_the_documented_parameter_counts() -> None:
+    from eopd.tokenizer import build_char_tokenizer
+
+    cfg, tok = WorldConfig(), build_char_tokenizer()
+    n_teacher = sum(p.numel() for p in world.new_model(cfg, "teacher", tok).parameters())
+    n_student = sum(p.numel() for p in world.new_model(cfg, "student", tok).parameters())
+    assert (n_teacher, n_student) == (334_224, 99_776)
