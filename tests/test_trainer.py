@@ -31,7 +31,7 @@ TINY = str(REPO / "configs" / "tiny.yaml")
 
 def tiny_cfg(tiny_models, out: Path, *overrides: str):
     base = [f"models.teacher={tiny_models['teacher']}", f"models.student={tiny_models['student']}",
-            f"output_dir={out}", "num_threads=1", "tensorboard=false", "loss_impl=plain"]
+            f"output_dir={out}", "num_threads=1", "tensorboard=false"]
     return load_config(TINY, [*base, *overrides])
 
 

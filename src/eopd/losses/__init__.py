@@ -21,6 +21,7 @@ from eopd.losses.divergences import (
     topk_forward_kl_with_tail,
     total_variation,
 )
+from eopd.losses.fused import FusedOutput, fused_objective, reference_objective
 from eopd.losses.objectives import (
     PRESETS,
     ObjectiveConfig,
@@ -33,20 +34,24 @@ from eopd.losses.objectives import (
     token_losses,
 )
 from eopd.losses.sampled import importance_weighted_fkl, ppo_clipped_surrogate, sampled_rkl_advantage
+from eopd.losses.scoring import TokenScores, score_chunked, score_from_logits, with_teacher_scores
 from eopd.losses.weights import AdaptiveTau, entropy_quantile, entropy_weight
 
 __all__ = [
     "PRESETS",
     "AdaptiveTau",
+    "FusedOutput",
     "ObjectiveConfig",
     "ObjectiveOutput",
     "TokenBatch",
+    "TokenScores",
     "TokenWeights",
     "adaptive_kl",
     "entropy",
     "entropy_quantile",
     "entropy_weight",
     "forward_kl",
+    "fused_objective",
     "gather_log_probs",
     "generalized_jsd",
     "importance_weighted_fkl",
@@ -55,8 +60,11 @@ __all__ = [
     "objective",
     "ppo_clipped_surrogate",
     "prepare_weights",
+    "reference_objective",
     "reverse_kl",
     "sampled_rkl_advantage",
+    "score_chunked",
+    "score_from_logits",
     "skew_forward_kl",
     "skew_reverse_kl",
     "summarize",
@@ -65,4 +73,5 @@ __all__ = [
     "topk_forward_kl",
     "topk_forward_kl_with_tail",
     "total_variation",
+    "with_teacher_scores",
 ]

@@ -1,0 +1,303 @@
+"""``eopd demo``: the embedded default, end to end on a laptop CPU.
+
+1. Build (or load from the cache) the multi-path arithmetic world: a teacher trained on several orders of
+   adding the terms and a weak base student trained on one order (``eopd.world``).
+2. Distil the base student with each objective and several seeds on one budget of steps, two runs at a time
+   (two single-thread processes beat one two-thread process on 2 cores), each run an ordinary
+   ``eopd train`` subprocess with periodic evaluation on the held-out prompts.
+3. Write ``report.md`` (mean ± std over seeds, the command and the config) and PNG plots: pass@1 / pass@8 /
+   distinct correct paths over steps, and the histogram of teacher entropy on student samples with the gate.
+
+Budgets: ``--quick`` is CI's smoke test (checks structure, not numbers), the default compares ``opd`` and
+``eopd`` with 3 seeds, ``--full`` runs every objective of the comparison with 5 seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from eopd.report import RunResult, markdown_table, plot_curves, plot_entropy_histogram
+from eopd.tracking import format_duration, read_metrics
+
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+
+
+@dataclass
+class DemoPlan:
+    """What one ``eopd demo`` invocation runs."""
+
+    objectives: list[str]
+    seeds: list[int]
+    max_steps: int
+    eval_every: int
+    eval_problems: int
+    world: dict = field(default_factory=dict)
+    train_overrides: list[str] = field(default_factory=list)
+
+
+def plan_for(mode: str, config: dict) -> DemoPlan:
+    """The plan of a mode (``quick``, ``default``, ``full``) from the demo config's ``modes`` section."""
+    modes = config.get("modes", {})
+    if mode not in modes:
+        raise ValueError(f"demo config has no mode {mode!r}; it defines: {', '.join(modes)}")
+    m = modes[mode]
+    return DemoPlan(objectives=list(m["objectives"]), seeds=list(range(m["seeds"])), max_steps=m["max_steps"],
+                    eval_every=m["eval_every"], eval_problems=m["eval_problems"],
+                    world={**config.get("world", {}), **m.get("world", {})},
+                    train_overrides=[f"{k}={v}" for k, v in m.get("train", {}).items()])
+
+
+@dataclass
+class RunSpec:
+    """One distillation subprocess."""
+
+    objective: str
+    seed: int
+    output_dir: Path
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+    finished: float = 0.0
+    log: Path | None = None
+
+    @property
+    def name(self) -> str:
+        """``objective/seedN``."""
+        return f"{self.objective}/seed{self.seed}"
+
+
+def _train_command(spec: RunSpec, plan: DemoPlan, teacher: Path, student: Path, train_yaml: Path) -> list[str]:
+    return [sys.executable, "-m", "eopd", "train", str(train_yaml), f"models.teacher={teacher}",
+            f"models.student={student}", f"output_dir={spec.output_dir}", f"objective={spec.objective}",
+            f"seed={spec.seed}", f"max_steps={plan.max_steps}", f"eval.every={plan.eval_every}",
+            f"eval.problems={plan.eval_problems}", "num_threads=1", "tensorboard=false",
+            *plan.train_overrides]
+
+
+def run_all(specs: list[RunSpec], commands: dict[str, list[str]], workers: int, total_steps: int) -> None:
+    """Run the subprocesses ``workers`` at a time with a progress display; raise if one fails."""
+    pending = list(specs)
+    running: list[RunSpec] = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    t0 = time.perf_counter()
+    last_print = 0.0
+    tty = sys.stdout.isatty()
+    while pending or running:
+        while pending and len(running) < workers:
+            spec = pending.pop(0)
+            spec.output_dir.mkdir(parents=True, exist_ok=True)
+            spec.log = spec.output_dir / "train.log"
+            spec.started = time.perf_counter()
+            with spec.log.open("w") as log:
+                spec.process = subprocess.Popen(commands[spec.name], stdout=log, stderr=subprocess.STDOUT, env=env)
+            running.append(spec)
+        time.sleep(0.5)
+        for spec in list(running):
+            assert spec.process is not None
+            if spec.process.poll() is not None:
+                spec.finished = time.perf_counter()
+                running.remove(spec)
+                if spec.process.returncode != 0:
+                    for other in running:
+                        other.process.kill()  # type: ignore[union-attr]
+                    tail = spec.log.read_text()[-3000:] if spec.log else ""
+                    raise RuntimeError(f"run {spec.name} failed (exit {spec.process.returncode}):\n{tail}")
+        now = time.perf_counter()
+        if now - last_print >= (1.0 if tty else 20.0) or not (pending or running):
+            last_print = now
+            _print_progress(specs, running, total_steps, now - t0, tty)
+
+
+def _print_progress(specs: list[RunSpec], running: list[RunSpec], total_steps: int, elapsed: float,
+                    tty: bool) -> None:
+    done_steps = 0
+    parts = []
+    for spec in specs:
+        rows = read_metrics(spec.output_dir / "metrics.jsonl") if spec.started else []
+        step = max((int(r["step"]) for r in rows), default=0)
+        done_steps += step if spec.process is None or spec.process.poll() is None else total_steps
+        if spec in running:
+            phase = "eval" if rows and any(k.startswith("eval/") for k in rows[-1]) and step else "train"
+            parts.append(f"{spec.name} {phase} {step}/{total_steps}")
+    frac = done_steps / max(total_steps * len(specs), 1)
+    eta = elapsed / frac * (1 - frac) if frac > 0 else float("nan")
+    finished = sum(1 for s in specs if s.finished)
+    line = (f"[demo] runs {finished}/{len(specs)} done | {' | '.join(parts) or '-'} | "
+            f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}")
+    if tty:
+        sys.stdout.write("\r" + line[:200] + "\033[K")
+        if finished == len(specs):
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+    else:
+        print(line, flush=True)
+
+
+def collect(spec: RunSpec, tail_frac: float = 0.2) -> RunResult:
+    """Final evaluation, eval curve and late-training token statistics of a finished run."""
+    rows = read_metrics(spec.output_dir / "metrics.jsonl")
+    evals = [{"step": r["step"], **{k[5:]: v for k, v in r.items() if k.startswith("eval/")}}
+             for r in rows if any(k.startswith("eval/") for k in r)]
+    train_rows = [r for r in rows if "loss" in r]
+    late = train_rows[int(len(train_rows) * (1 - tail_frac)) :] or train_rows
+    final = dict(evals[-1]) if evals else {}
+    for key in ("teacher_entropy", "gated_share", "student_entropy", "fkl", "rkl_estimate"):
+        vals = [r[key] for r in late if key in r and r[key] == r[key]]
+        if vals:
+            final[f"train/{key}"] = sum(vals) / len(vals)
+    return RunResult(spec.objective, spec.seed, final, evals, spec.finished - spec.started)
+
+
+@torch.no_grad()
+def teacher_entropy_on_student_samples(teacher_path: Path, student_path: Path, prompts: int, seed: int) -> list[float]:
+    """Teacher entropy at every valid position of the base student's samples on held-out prompts."""
+    from eopd.models import aligned_vocab_size, load_causal_lm, load_tokenizer
+    from eopd.rollout import sample
+    from eopd.tasks.arithmetic import ArithmeticTask
+    from eopd.teacher import HFTeacher
+    from eopd.trainer import encode_prompts
+
+    tok = load_tokenizer(student_path)
+    student, teacher = load_causal_lm(student_path), load_causal_lm(teacher_path)
+    vocab = aligned_vocab_size(teacher, student, tok)
+    problems = ArithmeticTask().problems("test")[:prompts]
+    r = sample(student, encode_prompts(tok, problems, False), n=4, max_new_tokens=40,
+               eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id,
+               generator=torch.Generator().manual_seed(seed), vocab_size=vocab)
+    scores = HFTeacher(teacher, vocab, 1.0).score(r, top_k=1, want_logits=False)
+    return scores.entropy_BT[r.completion_mask_BT.bool()].tolist()
+
+
+COLUMNS = [
+    ("avg@n", "pass@1 (Avg@8)", 3),
+    ("pass@8", "pass@8", 3),
+    ("distinct_correct_paths", "distinct correct paths /8", 2),
+    ("base_path_share", "share of base path", 3),
+    ("mean_entropy", "student entropy (eval)", 3),
+    ("train/teacher_entropy", "teacher entropy (train)", 3),
+    ("train/gated_share", "gated share (train)", 3),
+]
+
+
+def write_report(out: Path, results: list[RunResult], base: dict[str, float] | None, plan: DemoPlan,
+                 command: str, seconds: float, entropies: list[float], tau: float) -> Path:
+    """``report.md`` plus the two PNG plots."""
+    curves = plot_curves(results, [("avg@n", "pass@1 (Avg@8)"), ("pass@8", "pass@8"),
+                                   ("distinct_correct_paths", "distinct correct paths")],
+                         out / "curves.png", title="held-out prompts, 8 samples at T=1; band = ±1 std over seeds")
+    hist = plot_entropy_histogram(entropies, tau, out / "teacher_entropy.png",
+                                  title="teacher entropy on base-student samples")
+    lines = [
+        "# eopd demo report",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}; wall time {format_duration(seconds)}.",
+        "",
+        f"Each objective distils the same base student for {plan.max_steps} steps with seeds "
+        f"{plan.seeds}; evaluation on {plan.eval_problems} held-out prompts (never trained on), 8 samples each at "
+        "temperature 1. Mean ± std over seeds. `distinct correct paths` counts different orders of adding the "
+        "terms among the correct samples of a prompt; `share of base path` is the share of correct samples that "
+        "use the base student's only order (as written).",
+        "",
+        markdown_table(results, COLUMNS, baseline=base),
+        "",
+        f"![curves]({curves.name})",
+        "",
+        f"![teacher entropy]({hist.name})",
+        "",
+        "## Run config",
+        "",
+        "```yaml",
+        yaml.safe_dump({"objectives": plan.objectives, "seeds": plan.seeds, "max_steps": plan.max_steps,
+                        "eval_every": plan.eval_every, "eval_problems": plan.eval_problems,
+                        "world": plan.world, "train_overrides": plan.train_overrides}, sort_keys=False).strip(),
+        "```",
+        "",
+        "Per-run metrics: `runs/<objective>/seed<k>/metrics.jsonl`; raw results: `results.json`.",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps(
+        {"base": base, "runs": [r.__dict__ for r in results]}, indent=1, default=float))
+    return path
+
+
+def cli(argv: list[str]) -> int:
+    """``eopd demo [--quick | --full] [--output-dir DIR] [--workers N]``."""
+    p = argparse.ArgumentParser(prog="eopd demo", description=__doc__.split("\n\n")[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="smoke test (~2 min): structure, not numbers")
+    mode.add_argument("--full", action="store_true", help="every objective, 5 seeds")
+    p.add_argument("--config", default=str(DEMO_CONFIG), help="demo config (modes, world, training recipe)")
+    p.add_argument("--output-dir", default="runs/demo", help="where runs, report.md and plots go")
+    p.add_argument("--workers", type=int, default=2, help="runs in parallel (one thread each)")
+    p.add_argument("--objectives", help="comma-separated objectives instead of the mode's")
+    p.add_argument("--seeds", type=int, help="number of seeds instead of the mode's")
+    p.add_argument("--steps", type=int, help="steps per run instead of the mode's")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the training recipe of every run (eopd train keys, e.g. optim.lr=3e-4)")
+    p.add_argument("--cache-dir", help="world cache (default: $EOPD_CACHE or ~/.cache/eopd/world)")
+    args = p.parse_args(argv)
+    return run_demo(args, " ".join(["eopd demo", *argv]))
+
+
+def run_demo(args: argparse.Namespace, command: str) -> int:
+    """The demo driver (see module docstring)."""
+    from eopd.world import build_world, world_config_from_dict
+
+    t0 = time.perf_counter()
+    config = yaml.safe_load(Path(args.config).read_text())
+    plan = plan_for("quick" if args.quick else "full" if args.full else "default", config)
+    if args.objectives:
+        plan.objectives = args.objectives.split(",")
+    if args.seeds:
+        plan.seeds = list(range(args.seeds))
+    if args.steps:
+        plan.max_steps = args.steps
+        plan.eval_every = max(1, args.steps // 5)
+    plan.train_overrides += args.set
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    world_cfg = world_config_from_dict(plan.world)
+    print(f"[demo] world: building or loading teacher and base student (cache key {world_cfg.key()})", flush=True)
+    # One thread: two OpenMP threads slow down 40-60x as soon as anything else is busy on a 2-core machine
+    # (measured), while one thread costs ~1.8x on an idle one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        teacher, student, _ = build_world(world_cfg, args.cache_dir, log=lambda m: print(f"[demo] {m}", flush=True))
+    finally:
+        torch.set_num_threads(threads)
+    train_yaml = out / "train.yaml"
+    train_yaml.write_text(yaml.safe_dump(config["train"], sort_keys=False))
+
+    specs = [RunSpec(o, s, out / "runs" / o / f"seed{s}") for o in plan.objectives for s in plan.seeds]
+    commands = {s.name: _train_command(s, plan, teacher, student, train_yaml) for s in specs}
+    print(f"[demo] {len(specs)} runs x {plan.max_steps} steps, {args.workers} at a time", flush=True)
+    run_all(specs, commands, args.workers, plan.max_steps)
+    results = [collect(s) for s in specs]
+    base = _base_metrics(results)
+    tau = float(config["train"].get("loss", {}).get("tau", 0.8))
+    entropies = teacher_entropy_on_student_samples(teacher, student, prompts=64, seed=0)
+    report = write_report(out, results, base, plan, command, time.perf_counter() - t0, entropies, tau)
+    print(f"[demo] report: {report}  (plots: {out / 'curves.png'}, {out / 'teacher_entropy.png'})")
+    print(report.read_text().split("\n\n")[3])
+    return 0
+
+
+def _base_metrics(results: list[RunResult]) -> dict[str, float] | None:
+    """The base student's evaluation: every run evaluates it at step 0; take the first."""
+    for r in results:
+        for point in r.curve:
+            if int(point["step"]) == 0:
+                return {k: v for k, v in point.items() if k != "step"}
+    return None

@@ -1,0 +1,60 @@
+"""``eopd demo --quick``: CI's smoke test of the embedded default (structure of the report, not numbers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from eopd.demo import plan_for
+from eopd.report import RunResult, markdown_table, mean_std
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_report_and_plots(tmp_path):
+    out = tmp_path / "demo"
+    env = {**os.environ, "EOPD_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "eopd", "demo", "--quick", "--output-dir", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    assert "| objective | seeds | pass@1 (Avg@8) | pass@8 | distinct correct paths /8 |" in report
+    for row in ("| base student | - |", "| opd | 1 |", "| eopd | 1 |"):
+        assert row in report
+    assert "Command: `eopd demo --quick" in report
+    for png in ("curves.png", "teacher_entropy.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((out / "results.json").read_text())
+    assert {r["objective"] for r in results["runs"]} == {"opd", "eopd"}
+    for run in results["runs"]:
+        steps = [p["step"] for p in run["curve"]]
+        assert steps == [0, 10, 20]
+        assert 0.0 <= run["final"]["avg@n"] <= 1.0 and 0.0 <= run["final"]["pass@8"] <= 1.0
+        assert run["final"]["pass@8"] >= run["final"]["avg@n"]
+    # a second run reuses the cached world (no training message)
+    proc2 = subprocess.run([sys.executable, "-m", "eopd", "demo", "--quick", "--output-dir", str(out / "again"),
+                            "--steps", "2"], capture_output=True, text=True, timeout=600, env=env)
+    assert proc2.returncode == 0, proc2.stderr[-3000:]
+    assert "training the teacher" not in proc2.stdout and "cached at" in proc2.stdout
+
+
+def test_modes_and_table():
+    import yaml
+
+    from eopd.demo import DEMO_CONFIG
+
+    config = yaml.safe_load(DEMO_CONFIG.read_text())
+    default = plan_for("default", config)
+    assert {"opd", "eopd"} <= set(default.objectives) and len(default.seeds) >= 3
+    full = plan_for("full", config)
+    assert len(full.seeds) >= 5 and {"opd", "eopd", "mixture", "fkl"} <= set(full.objectives)
+    with pytest.raises(ValueError, match="no mode 'nope'"):
+        plan_for("nope", config)
+    results = [RunResult("opd", 0, {"a": 0.5}), RunResult("opd", 1, {"a": 0.7}), RunResult("eopd", 0, {"a": 0.9})]
+    table = markdown_table(results, [("a", "A", 2)], baseline={"a": 0.1})
+    assert "| opd | 2 | 0.60 ± 0.14 |" in table and "| eopd | 1 | 0.90 ± 0.00 |" in table
+    assert "| base student | - | 0.10 |" in table
+    assert mean_std([1.0, float("nan"), 3.0]) == (2.0, pytest.approx(1.4142135))
