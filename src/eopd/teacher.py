@@ -2,7 +2,8 @@
 
 One no-grad forward per micro-batch of rollout rows. By default only per-position summaries are kept —
 the sampled token's log-prob, the full-vocabulary entropy and the top-k ids/log-probs — computed chunk by
-chunk from the final hidden states so no ``[B, T, V]`` tensor outlives one chunk. Full logits are returned
+chunk from the final hidden states (``eopd.losses.scoring.score_chunked``) so no ``[B, T, V]`` tensor
+outlives one chunk. Full logits are returned
 only for the exact full-vocabulary baselines that need them.
 
 ``Teacher`` is a small protocol so a served teacher (vLLM, an HTTP endpoint returning top-k log-probs) can
@@ -16,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from eopd.losses import divergences as D
+from eopd.losses.scoring import score_chunked, score_from_logits
 from eopd.rollout import Rollout, position_ids_from_mask
 
 Tensor = torch.Tensor
@@ -76,48 +77,6 @@ def completion_logits(model: torch.nn.Module, rollout: Rollout, vocab_size: int)
     return out.logits[:, P - 1 : -1, :vocab_size]
 
 
-def summarize_logits(
-    logits_NV: Tensor, tokens_N: Tensor, top_k: int, temperature: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(sampled log-prob ``[N]``, entropy ``[N]``, top-k ids ``[N, K]``, top-k log-probs ``[N, K]``)."""
-    logp_NV = D.log_probs(logits_NV, temperature)
-    p_NV = logp_NV.exp()
-    entropy_N = -(p_NV * logp_NV.masked_fill(p_NV == 0, 0.0)).sum(-1)
-    top_lp_NK, top_ids_NK = logp_NV.topk(top_k, dim=-1)
-    return logp_NV.gather(-1, tokens_N[:, None]).squeeze(1), entropy_N, top_ids_NK, top_lp_NK
-
-
-@torch.no_grad()
-def score_hidden_chunked(
-    hidden_NH: Tensor,
-    weight_VH: Tensor,
-    tokens_N: Tensor,
-    *,
-    top_k: int,
-    temperature: float,
-    chunk_size: int = 1024,
-    bias_V: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Teacher summaries from hidden states, ``chunk_size`` positions at a time (peak ``chunk x V``).
-
-    Args:
-        hidden_NH: Final hidden states of the positions to score.
-        weight_VH: lm_head weight, already sliced to the aligned vocabulary.
-        tokens_N: Sampled tokens.
-        top_k: How many top ids to keep.
-        temperature: Divides the logits.
-        chunk_size: Positions per chunk.
-        bias_V: lm_head bias if any.
-    """
-    outs = []
-    for s in range(0, hidden_NH.shape[0], chunk_size):
-        logits = hidden_NH[s : s + chunk_size] @ weight_VH.T
-        if bias_V is not None:
-            logits = logits + bias_V
-        outs.append(summarize_logits(logits, tokens_N[s : s + chunk_size], top_k, temperature))
-    return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))  # type: ignore[return-value]
-
-
 class HFTeacher:
     """A Hugging Face causal LM as teacher.
 
@@ -149,18 +108,14 @@ class HFTeacher:
 
     def _score_rows(self, rollout: Rollout, top_k: int, want_logits: bool) -> TeacherScores:
         tokens_BT = rollout.completion_ids_BT
-        b, t = tokens_BT.shape
         if want_logits:
             logits_BTV = completion_logits(self.model, rollout, self.vocab_size).float()
-            lp, ent, ids, tlp = summarize_logits(logits_BTV.reshape(b * t, -1), tokens_BT.reshape(-1), top_k,
-                                                 self.temperature)
+            scores = score_from_logits(logits_BTV, tokens_BT, top_k=top_k, temperature=self.temperature)
         else:
             logits_BTV = None
-            hidden_NH = completion_hidden_states(self.model, rollout).reshape(b * t, -1)
             head = self.model.get_output_embeddings()
-            bias = None if head.bias is None else head.bias[: self.vocab_size]
-            lp, ent, ids, tlp = score_hidden_chunked(
-                hidden_NH, head.weight[: self.vocab_size], tokens_BT.reshape(-1), top_k=top_k,
-                temperature=self.temperature, chunk_size=self.chunk_size, bias_V=bias)
-        return TeacherScores(lp.view(b, t).float(), ent.view(b, t).float(), ids.view(b, t, -1),
-                             tlp.view(b, t, -1).float(), logits_BTV)
+            scores = score_chunked(completion_hidden_states(self.model, rollout), head.weight, tokens_BT,
+                                   top_k=top_k, temperature=self.temperature, chunk_size=self.chunk_size,
+                                   vocab_size=self.vocab_size, bias=head.bias)
+        return TeacherScores(scores.logp.float(), scores.entropy.float(), scores.topk_ids,
+                             scores.topk_logprobs.float(), logits_BTV)
