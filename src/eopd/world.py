@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from eopd.evaluation import pass_at_k
 from eopd.models import build_tiny_qwen3, load_causal_lm, load_tokenizer
 from eopd.rollout import decode_completions, position_ids_from_mask, sample
 from eopd.sft import SFTConfig, train_sft
@@ -338,13 +338,6 @@ def load_world(
     """``build_world`` then load ``(teacher, student, tokenizer)`` on CPU in float32."""
     teacher_path, student_path, tok_path = build_world(cfg, cache_dir, log)
     return load_causal_lm(teacher_path), load_causal_lm(student_path), load_tokenizer(tok_path)
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from ``n`` samples of which ``c`` are correct (Chen et al., 2021)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
 
 
 def _aligned_text(tokenizer, ids: list[int]) -> str:
