@@ -185,7 +185,8 @@ class TrainConfig:
     objective: str = field(default="eopd", metadata=_help("loss preset of eopd.losses (opd, eopd, fkl, ...)"))
     loss: dict[str, Any] = field(default_factory=dict, metadata=_help("ObjectiveConfig overrides (tau, top_k...)"))
     loss_impl: str = field(default="fused", metadata=_help("fused (chunked, never [N,V]) | plain (full logits)"))
-    chunk_size: int = field(default=1024, metadata=_help("positions per chunk in the fused path"))
+    chunk_size: int | None = field(
+        default=None, metadata=_help("positions per lm_head chunk (default: a memory budget, ~96 MiB CPU, 1 GiB GPU)"))
     resume: bool = field(default=False, metadata=_help("continue from the last complete checkpoint"))
     save_every: int = field(default=0, metadata=_help("checkpoint every N steps (0: only at the end)"))
     keep_checkpoints: int = field(default=2, metadata=_help("how many step checkpoints to keep"))
@@ -205,7 +206,7 @@ class TrainConfig:
         _require(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}")
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         _require(self.loss_impl in ("fused", "plain"), "loss_impl", f"must be fused or plain, got {self.loss_impl!r}")
-        _require(self.chunk_size > 0, "chunk_size", f"must be > 0, got {self.chunk_size}")
+        _require(self.chunk_size is None or self.chunk_size > 0, "chunk_size", f"must be > 0, got {self.chunk_size}")
         _require(self.log_every > 0, "log_every", f"must be > 0, got {self.log_every}")
         _require(self.rollout.batch_size % self.optim.minibatch_size == 0, "optim.minibatch_size",
                  f"must divide the rollout batch (rollout.prompts_per_step * rollout.n = {self.rollout.batch_size}),"

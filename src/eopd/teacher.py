@@ -85,11 +85,11 @@ class HFTeacher:
         vocab_size: Aligned vocabulary (the tokenizer's); padded lm_head rows are dropped.
         temperature: Same as sampling.
         micro_batch_size: Rollout rows per forward.
-        chunk_size: Positions per lm_head chunk.
+        chunk_size: Positions per lm_head chunk (None: the scorer's memory-budget default).
     """
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, temperature: float, micro_batch_size: int = 8,
-                 chunk_size: int = 1024) -> None:
+                 chunk_size: int | None = None) -> None:
         self.model = model.eval()
         self.vocab_size = vocab_size
         self.temperature = temperature

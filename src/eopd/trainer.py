@@ -135,7 +135,7 @@ def make_token_batch(rollout: Rollout, scores: TeacherScores) -> TokenBatch:
 
 def student_loss(
     model: torch.nn.Module,
-    head_weight_VH: Tensor,
+    head: torch.nn.Module,
     obj: ObjectiveConfig,
     rollout: Rollout,
     batch: TokenBatch,
@@ -144,12 +144,13 @@ def student_loss(
     normalizer: float,
     impl: str,
     vocab_size: int,
-    chunk_size: int,
+    chunk_size: int | None,
 ):
     """Loss of one micro-batch, normalised by the global valid-token count (``ObjectiveOutput``).
 
     ``plain`` materialises the student's ``[b, T, V]`` logits; ``fused`` runs the chunked lm_head + loss that
-    keeps at most ``chunk_size x V`` alive and computes the lm_head gradients in the same pass.
+    keeps at most ``chunk_size x V`` alive and computes the lm_head gradients in the same pass (only the
+    first ``vocab_size`` rows of a padded lm_head are used; ``head`` is the model's output embedding).
     """
     if impl == "plain":
         logits_BTV = completion_logits(model, rollout, vocab_size)
@@ -159,8 +160,9 @@ def student_loss(
     mask = rollout.completion_mask_BT.bool()
     hidden_NH = completion_hidden_states(model, rollout)[mask]
     pick = lambda x: x[mask]  # noqa: E731
-    return fused_objective(obj, hidden_NH, head_weight_VH, batch.map(pick), weights=weights.map(pick),
-                           normalizer=normalizer, chunk_size=chunk_size)
+    return fused_objective(obj, hidden_NH, head.weight, batch.map(pick), weights=weights.map(pick),
+                           normalizer=normalizer, chunk_size=chunk_size, lm_head_bias=head.bias,
+                           vocab_size=vocab_size)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -334,7 +336,7 @@ class Distiller:
                     sync = j == len(micro_rows) - 1
                     ctx = nullcontext() if sync or self.world == 1 else self.accelerator.no_sync(self.model)
                     with ctx, self._autocast():
-                        out = student_loss(self.model, head.weight[: self.vocab_size], self.obj, rollout.select(r),
+                        out = student_loss(self.model, head, self.obj, rollout.select(r),
                                            batch.map(lambda x, r=r: x[r]), weights.map(lambda x, r=r: x[r]),
                                            normalizer=normalizer, impl=self.cfg.loss_impl,
                                            vocab_size=self.vocab_size, chunk_size=self.cfg.chunk_size)
