@@ -21,11 +21,10 @@ Two per-chunk kernels produce ``G_CV``:
 - *sparse* (``opd``, ``eopd``, ``fkl_all``, ``fkl_random`` and any ``rkl in {ppo, none}``,
   ``fkl in {topk, importance, none}``): the loss depends on the student only through its log-probs at
   ``1 + K`` ids per position (sampled token, teacher top-k), so with ``g`` the loss gradient at those ids,
-  ``G = (scatter(g) - softmax(z) * sum(g)) / T``. It is kept factored, ``coef * P + scatter(g / T)`` with
-  ``P = exp(z - max z)`` written over the logits buffer and ``coef = -sum(g) / (S T)``: the row scale acts on
-  the ``[C, H]`` side of matmuls 2 and 3 and the ``1 + K`` sparse entries go through an embedding-bag /
-  index-add. One ``[C, V]`` buffer, one read of it for max / log-sum-exp / entropy (an online softmax over
-  cache-sized column blocks) and one read-write for ``P``.
+  ``G = (scatter(g) - softmax(z) * sum(g)) / T``. One ``[C, V]`` buffer: the logits are read once for
+  max / log-sum-exp / entropy (an online softmax over cache-sized column blocks) and rewritten once into
+  ``G`` (``exp``, row scale and shift on each block while it is in cache), then the ``1 + K`` sparse
+  entries are added.
 - *generic* (exact KLs, top-k with tail, JSD, skew KLs, AKL, ToDi, TVD): ``objectives.token_losses`` on
   the chunk's logits under autograd, with the teacher's chunk of logits recomputed from its hidden states
   (or gathered from precomputed teacher logits). Several ``[C, V]`` temporaries, so smaller chunks.
@@ -58,9 +57,9 @@ from eopd.losses.sampled import importance_weighted_fkl, ppo_clipped_surrogate, 
 from eopd.losses.scoring import (
     balanced_chunk,
     default_chunk_size,
-    exp_shifted_,
     float_buffer_needed,
     scaled_float_logits,
+    scaled_softmax_,
     score_chunked,
     scratch_buffer,
     softmax_stats,
@@ -132,26 +131,6 @@ class _Buffers:
     float: Tensor | None
     tmp: Tensor | None
     teacher: Tensor | None
-
-
-@dataclass
-class _ChunkGrad:
-    """``d loss / d logits`` of one chunk: ``dense`` itself, or ``coef * dense + scatter(ids, g)`` (sparse presets).
-
-    Keeping the sparse form lets the row scale ``coef`` act on the small ``[C, H]`` side of the matmuls and the
-    ``1 + K`` sparse entries go through an embedding-bag / index-add, so the ``[C, V]`` buffer is written once.
-
-    Attributes:
-        dense: ``[C, V]`` float: the gradient (``coef is None``) or ``P = exp(z - max z)``.
-        coef: ``[C]`` row scale of ``dense``.
-        ids: ``[C, 1 + K]`` ids of the sparse entries.
-        g: ``[C, 1 + K]`` their values.
-    """
-
-    dense: Tensor
-    coef: Tensor | None = None
-    ids: Tensor | None = None
-    g: Tensor | None = None
 
 
 def _sparse_token_losses(
@@ -228,8 +207,8 @@ def _grad_wrt(loss_C: Tensor, leaf: Tensor, scale: float) -> Tensor:
 def _sparse_chunk(
     plan: _Plan, h_CH: Tensor, weight_VH: Tensor, bias_V: Tensor | None, rows: slice, ids_NK: Tensor,
     bufs: _Buffers, need_grad: bool,
-) -> tuple[_ChunkGrad | None, dict[str, Tensor]]:
-    """One chunk of a sparse objective: parts, and the factored logits gradient (``P`` overwrites ``z``)."""
+) -> tuple[Tensor | None, dict[str, Tensor]]:
+    """One chunk of a sparse objective: ``(d loss / d logits or None, parts)``; the gradient overwrites ``z``."""
     cfg, t = plan.cfg, plan.cfg.temperature
     batch_c = plan.batch.map(lambda x: x[rows])
     weights_c = plan.weights.map(lambda x: x[rows])
@@ -242,16 +221,15 @@ def _sparse_chunk(
         logq_CK = (z_ids_CK - stats.lse.unsqueeze(1)).requires_grad_(True)
         logq_topk_CK = logq_CK[:, 1:] if ids_CK.shape[1] > 1 else None
         parts = _sparse_token_losses(cfg, logq_CK[:, 0], logq_topk_CK, batch_c, weights_c)
-        grad = None
+        grad_CV = None
         if need_grad:
             # d loss / d z = scatter(g) - softmax(z) * sum(g), softmax(z) = exp(z - m) / S; d z / d logits = 1 / T.
             g_CK = _grad_wrt(parts["loss"], logq_CK, 1.0 / plan.denom)
             coef_C = g_CK.sum(1).div_(stats.sum_exp).neg_().div_(t)
-            p_CV = exp_shifted_(z_CV, stats.row_max, bufs.tmp.shape[1])
-            grad = _ChunkGrad(p_CV, coef_C, ids_CK, g_CK.div_(t))
+            grad_CV = scaled_softmax_(z_CV, stats.row_max, coef_C).scatter_add_(1, ids_CK, g_CK.div_(t))
     parts = {k: v.detach() for k, v in parts.items()}
     parts["student_entropy"] = torch.where(batch_c.mask.bool(), stats.entropy, 0.0)
-    return grad, parts
+    return grad_CV, parts
 
 
 def _teacher_chunk(plan: _Plan, batch_c: TokenBatch, rows: slice, bufs: _Buffers) -> TokenBatch:
@@ -275,8 +253,8 @@ def _teacher_chunk(plan: _Plan, batch_c: TokenBatch, rows: slice, bufs: _Buffers
 def _generic_chunk(
     plan: _Plan, h_CH: Tensor, weight_VH: Tensor, bias_V: Tensor | None, rows: slice, bufs: _Buffers,
     need_grad: bool,
-) -> tuple[_ChunkGrad | None, dict[str, Tensor]]:
-    """One chunk of any objective through ``token_losses`` under autograd: the dense logits gradient, parts."""
+) -> tuple[Tensor | None, dict[str, Tensor]]:
+    """One chunk of any objective through ``token_losses`` under autograd: ``(d loss / d logits or None, parts)``."""
     cfg = plan.cfg
     batch_c = _teacher_chunk(plan, plan.batch.map(lambda x: x[rows]), rows, bufs)
     weights_c = plan.weights.map(lambda x: x[rows])
@@ -288,11 +266,11 @@ def _generic_chunk(
     leaf = D.upcast(logits).detach().requires_grad_(True)
     with torch.enable_grad():
         parts = token_losses(cfg, leaf, batch_c, weights_c)
-        grad = _ChunkGrad(_grad_wrt(parts["loss"], leaf, 1.0 / plan.denom)) if need_grad else None
+        grad_CV = _grad_wrt(parts["loss"], leaf, 1.0 / plan.denom) if need_grad else None
     if plan.teacher_entropy is not None and batch_c.teacher_logits is not None:
         with torch.no_grad():
             plan.teacher_entropy[rows] = D.entropy(batch_c.teacher_logits, cfg.temperature)
-    return grad, {k: v.detach() for k, v in parts.items()}
+    return grad_CV, {k: v.detach() for k, v in parts.items()}
 
 
 def _make_buffers(plan: _Plan, hidden_NH: Tensor, v: int, sparse: bool) -> _Buffers:
@@ -306,37 +284,6 @@ def _make_buffers(plan: _Plan, hidden_NH: Tensor, v: int, sparse: bool) -> _Buff
     float_buf = torch.empty(c0, v, device=hidden_NH.device) if low else None
     tmp = scratch_buffer(c0, v, torch.float32 if low else hidden_NH.dtype, hidden_NH.device)
     return _Buffers(logits, float_buf, tmp, None)
-
-
-def _grad_hidden(grad: _ChunkGrad, dense_CV: Tensor, weight_VH: Tensor, *, out: Tensor) -> None:
-    """``out = G @ W`` for the chunk's rows (``coef * (P @ W) + sum_k g_k W[ids_k]`` in sparse form)."""
-    torch.mm(dense_CV, weight_VH, out=out)
-    if grad.coef is None:
-        return
-    assert grad.ids is not None and grad.g is not None
-    out.mul_(grad.coef.unsqueeze(1).to(out.dtype))
-    out.add_(F.embedding_bag(grad.ids, weight_VH, per_sample_weights=grad.g.to(weight_VH.dtype), mode="sum"))
-
-
-def _accumulate_grad_weight(grad: _ChunkGrad, dense_CV: Tensor, h_CH: Tensor, grad_w: Tensor, *, first: bool) -> None:
-    """``grad_W (+)= G.T @ h``: the first chunk writes (no zero-fill pass over ``[V, H]``), later ones add."""
-    h_scaled = h_CH if grad.coef is None else h_CH * grad.coef.unsqueeze(1).to(h_CH.dtype)
-    torch.addmm(grad_w, dense_CV.T, h_scaled, beta=0.0 if first else 1.0, out=grad_w)
-    if grad.coef is None:
-        return
-    assert grad.ids is not None and grad.g is not None
-    for k in range(grad.ids.shape[1]):
-        grad_w.index_add_(0, grad.ids[:, k], h_CH * grad.g[:, k : k + 1].to(h_CH.dtype))
-
-
-def _accumulate_grad_bias(grad: _ChunkGrad, grad_b: Tensor) -> None:
-    """``grad_b += G.sum(0)`` (float accumulator)."""
-    if grad.coef is None:
-        grad_b += grad.dense.sum(0).to(grad_b.dtype)
-        return
-    assert grad.ids is not None and grad.g is not None
-    grad_b += (grad.dense.T @ grad.coef.to(grad.dense.dtype)).to(grad_b.dtype)
-    grad_b.index_add_(0, grad.ids.reshape(-1), grad.g.reshape(-1).to(grad_b.dtype))
 
 
 def _weight_grad_buffer(shape: torch.Size, v: int, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -373,22 +320,23 @@ class _FusedLinearObjective(torch.autograd.Function):
             rows = slice(start, min(start + plan.chunk, n))
             h_CH = hidden_NH[rows]
             if sparse:
-                grad, parts = _sparse_chunk(plan, h_CH, weight, bias, rows, ids_NK, bufs, need_grad)
+                grad_CV, parts = _sparse_chunk(plan, h_CH, weight, bias, rows, ids_NK, bufs, need_grad)
             else:
-                grad, parts = _generic_chunk(plan, h_CH, weight, bias, rows, bufs, need_grad)
+                grad_CV, parts = _generic_chunk(plan, h_CH, weight, bias, rows, bufs, need_grad)
             loss_sum += parts["loss"].sum()
             for k in PART_KEYS:
                 chunks[k].append(parts[k])
-            if grad is not None:
-                dense = grad.dense if grad.dense.dtype == hidden_NH.dtype else bufs.logits[: h_CH.shape[0]].copy_(
-                    grad.dense)
-                first = rows.start == 0
-                if need_h:
-                    _grad_hidden(grad, dense, weight, out=grad_h[rows])
-                if need_w:
-                    _accumulate_grad_weight(grad, dense, h_CH, grad_w_full[:v], first=first)
-                if need_b:
-                    _accumulate_grad_bias(grad, grad_b_full[:v])
+            if grad_CV is None:
+                continue
+            if need_b:
+                grad_b_full[:v] += grad_CV.sum(0)
+            g_mm = grad_CV if grad_CV.dtype == hidden_NH.dtype else bufs.logits[: h_CH.shape[0]].copy_(grad_CV)
+            if need_h:
+                torch.mm(g_mm, weight, out=grad_h[rows])
+            if need_w:
+                # the first chunk writes (beta=0: no zero-fill pass over [V, H]), later ones accumulate
+                grad_w = grad_w_full[:v]
+                torch.addmm(grad_w, g_mm.T, h_CH, beta=0.0 if rows.start == 0 else 1.0, out=grad_w)
         plan.parts = {k: torch.cat(chunks[k]) if chunks[k] else loss_sum.new_zeros(0) for k in PART_KEYS}
         ctx.grads = (
             grad_h,

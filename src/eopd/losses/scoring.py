@@ -4,7 +4,7 @@ EOPD needs from the teacher, per position, only its full-vocabulary entropy ``H_
 log-probs and the log-prob of the sampled token. ``score_chunked`` computes these from the final hidden
 states and the lm_head weight a chunk of positions at a time, so nothing of size ``[N, V]`` lives longer than
 one chunk: the working set is one ``[chunk, V]`` buffer reused across chunks (plus its float32 copy when the
-matmul runs in bf16/fp16) and a ``[chunk, 4096]`` scratch block.
+matmul runs in bf16/fp16) and a ``[chunk, 2048]`` scratch block.
 
 Per chunk (``z = logits / temperature`` in float32, ``m = max z``, ``P = exp(z - m)``, ``S = sum P``; ``P``
 is formed one block of columns at a time)::
@@ -213,15 +213,27 @@ def softmax_stats(z_CV: Tensor, tmp_CB: Tensor) -> SoftmaxStats:
     return SoftmaxStats(lse, row_max, sum_exp, (lse - dot / sum_exp).clamp_min_(0.0))
 
 
-def exp_shifted_(z_CV: Tensor, row_max_C: Tensor, width: int = 4096) -> Tensor:
-    """``z <- exp(z - row_max)`` in place, a block of columns at a time (one read-write of ``z``)."""
-    m_C1 = row_max_C.unsqueeze(-1)
+def scaled_softmax_(z_CV: Tensor, row_max_C: Tensor, scale_C: Tensor, width: int = 2048) -> Tensor:
+    """``z <- scale * exp(z - row_max)`` in place, a cache-sized block of columns at a time.
+
+    The three elementwise steps run on a block while it is in cache, so ``z`` is read and written once.
+
+    Args:
+        z_CV: ``[C, V]`` scaled float logits (overwritten).
+        row_max_C: ``[C]`` the row max used by ``softmax_stats``.
+        scale_C: ``[C]`` row scale (e.g. ``-sum(g) / (S * T)``).
+        width: Columns per block.
+
+    Returns:
+        ``z_CV``.
+    """
+    m_C1, s_C1 = row_max_C.unsqueeze(-1), scale_C.unsqueeze(-1)
     for start in range(0, z_CV.shape[1], width):
-        z_CV[:, start : start + width].sub_(m_C1).exp_()
+        z_CV[:, start : start + width].sub_(m_C1).exp_().mul_(s_C1)
     return z_CV
 
 
-def scratch_buffer(rows: int, vocab: int, dtype: torch.dtype, device: torch.device, width: int = 4096) -> Tensor:
+def scratch_buffer(rows: int, vocab: int, dtype: torch.dtype, device: torch.device, width: int = 2048) -> Tensor:
     """The small ``[rows, min(width, V)]`` scratch buffer that ``softmax_stats`` needs."""
     return torch.empty(rows, min(width, vocab), dtype=dtype, device=device)
 
