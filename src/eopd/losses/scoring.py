@@ -16,7 +16,8 @@ is formed one block of columns at a time)::
 Logits are assumed finite (what a linear layer produces); rows of a padded lm_head beyond the tokenizer's
 vocabulary are excluded with ``vocab_size`` instead of being masked with ``-inf``.
 
-The helpers ``chunk_logits`` and ``softmax_stats`` are shared with the fused student loss (``fused.py``).
+The helpers (``scaled_float_logits``, ``softmax_stats``, ``scaled_softmax_``, ``balanced_chunk``) are shared
+with the fused student loss (``fused.py``).
 """
 
 from __future__ import annotations
