@@ -21,6 +21,8 @@ from typing import Any, Protocol
 
 import torch
 
+from eopd.losses.divergences import entropy
+from eopd.losses.scoring import score_chunked
 from eopd.rollout import Rollout, decode_completions, position_ids_from_mask, sample
 
 logger = logging.getLogger(__name__)
@@ -123,16 +125,15 @@ def _hidden_states_BLH(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor
     return out.last_hidden_state
 
 
-def _entropy_from_logits(logits_BTV: torch.Tensor, temperature: float, vocab_size: int) -> torch.Tensor:
-    """Entropy (nats) of ``softmax(logits / temperature)`` over the first ``vocab_size`` ids, ``[B, T]``."""
-    logp_BTV = torch.log_softmax(logits_BTV[..., :vocab_size].float() / temperature, dim=-1)
-    return -(logp_BTV.exp() * logp_BTV).sum(-1)
-
-
 def _rows_entropy_BT(
     model: torch.nn.Module, rollout: Rollout, temperature: float, vocab_size: int, max_chunk_elements: int
 ) -> torch.Tensor:
-    """``completion_entropy_BT`` for one group of rows (unmasked)."""
+    """``completion_entropy_BT`` for one group of rows (unmasked).
+
+    From hidden states the lm_head runs through the shared chunked scorer (``losses.scoring.score_chunked``),
+    at most ``max_chunk_elements`` logits at a time; models whose logits are not just ``lm_head(hidden)``
+    take one full forward.
+    """
     P, T = rollout.prompt_len, rollout.completion_ids_BT.shape[1]
     hidden_BLH = _hidden_states_BLH(model, rollout)
     if hidden_BLH is None:
@@ -142,14 +143,12 @@ def _rows_entropy_BT(
             position_ids=position_ids_from_mask(rollout.attention_mask_BL),
             use_cache=False,
         ).logits
-        return _entropy_from_logits(logits_BLV[:, P - 1 : P - 1 + T], temperature, vocab_size)
+        return entropy(logits_BLV[:, P - 1 : P - 1 + T, :vocab_size], temperature)
     lm_head = model.get_output_embeddings()
-    hidden_BTH = hidden_BLH[:, P - 1 : P - 1 + T]
-    step = max(1, max_chunk_elements // max(1, hidden_BTH.shape[0] * lm_head.weight.shape[0]))
-    chunks = [
-        _entropy_from_logits(lm_head(hidden_BTH[:, s : s + step]), temperature, vocab_size) for s in range(0, T, step)
-    ]
-    return torch.cat(chunks, dim=1)
+    chunk = max(1, max_chunk_elements // min(vocab_size, lm_head.weight.shape[0]))
+    scores = score_chunked(hidden_BLH[:, P - 1 : P - 1 + T], lm_head.weight, temperature=temperature,
+                           chunk_size=chunk, vocab_size=vocab_size, bias=lm_head.bias)
+    return scores.entropy
 
 
 @torch.no_grad()
