@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,22 +56,39 @@ def save_checkpoint(
         The final checkpoint folder.
     """
     final = checkpoint_dir(output_dir, step)
+    with atomic_folder(final) as tmp:
+        save_model_folder(tmp / "model", model, tokenizer)
+        torch.save(trainer_state, tmp / "trainer.pt")
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+@contextmanager
+def atomic_folder(final: str | Path) -> Iterator[Path]:
+    """Yield ``FINAL.tmp`` to write into; on success it replaces ``final`` in one rename.
+
+    A crash mid-write leaves only the ``.tmp`` folder (ignored by readers, cleared by the next write), never a
+    half-written ``final``.
+    """
+    final = Path(final)
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "model", safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp / "model")
-    torch.save(trainer_state, tmp / "trainer.pt")
+    yield tmp
     _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
-    for old in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def save_model_folder(path: Path, model: Any, tokenizer: Any) -> None:
+    """``save_pretrained`` a model (safetensors) and, when given, its tokenizer into one folder."""
+    model.save_pretrained(path, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
 
 
 def _fsync_dir(path: Path) -> None:

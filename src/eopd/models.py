@@ -7,7 +7,6 @@ exercised exactly like a Hub checkpoint on a GPU.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -183,13 +182,8 @@ def build_tiny_checkpoint(
         num_kv_heads=num_kv_heads, seed=seed, initializer_range=initializer_range,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
     )
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        import shutil
+    from eopd.checkpoint import atomic_folder, save_model_folder
 
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, path)
+    with atomic_folder(path) as tmp:
+        save_model_folder(tmp, model, tok)
     return path

@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -436,14 +435,8 @@ class Distiller:
         if not self.accelerator.is_main_process:
             return None
         final = self.out / "final"
-        tmp = self.out / "final.tmp"
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.accelerator.unwrap_model(self.model).save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        with ckpt.atomic_folder(final) as tmp:
+            ckpt.save_model_folder(tmp, self.accelerator.unwrap_model(self.model), self.tokenizer)
         return final
 
     # -- the loop ------------------------------------------------------------------------------------------
