@@ -74,14 +74,29 @@ def markdown_table(results: Sequence[RunResult], columns: Sequence[tuple[str, st
     return "\n".join(lines)
 
 
-def plot_curves(results: Sequence[RunResult], metrics: Sequence[tuple[str, str]], path: str | Path,
-                title: str = "") -> Path:
-    """One panel per metric: mean over seeds per objective with a ±1 std band, against steps."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed), imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Write a figure as PNG and free it."""
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_curves(results: Sequence[RunResult], metrics: Sequence[tuple[str, str]], path: str | Path,
+                title: str = "") -> Path:
+    """One panel per metric: mean over seeds per objective with a ±1 std band, against steps."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     for ax, (key, label) in zip(axes[0], metrics, strict=True):
         for name, runs in grouped(results).items():
@@ -101,20 +116,12 @@ def plot_curves(results: Sequence[RunResult], metrics: Sequence[tuple[str, str]]
     axes[0][0].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_entropy_histogram(entropies: Sequence[float], tau: float, path: str | Path, title: str = "") -> Path:
     """Histogram of teacher entropy on student samples with the gate threshold marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     ax.hist(list(entropies), bins=60, color="#4c72b0", alpha=0.85)
     ax.set_yscale("log")
@@ -125,8 +132,4 @@ def plot_entropy_histogram(entropies: Sequence[float], tau: float, path: str | P
     ax.legend(title=f"gated share {gated:.1%}", fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
