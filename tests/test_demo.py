@@ -58,3 +58,27 @@ def test_modes_and_table():
     assert "| opd | 2 | 0.60 ± 0.14 |" in table and "| eopd | 1 | 0.90 ± 0.00 |" in table
     assert "| base student | - | 0.10 |" in table
     assert mean_std([1.0, float("nan"), 3.0]) == (2.0, pytest.approx(1.4142135))
+
+
+def test_variants_parse_and_fail_clearly(capsys):
+    from eopd.demo import cli, parse_variant, run_folder, split_objectives
+
+    assert split_objectives("opd, eopd[loss.alpha=0.5,loss.top_k=4],fkl") == [
+        "opd", "eopd[loss.alpha=0.5,loss.top_k=4]", "fkl"]
+    assert parse_variant("eopd[loss.alpha=0.5, loss.top_k=4]") == ("eopd", ["loss.alpha=0.5", "loss.top_k=4"])
+    assert parse_variant("opd") == ("opd", [])
+    assert run_folder("eopd[loss.alpha=0.5,loss.top_k=4]") == "eopd_loss.alpha=0.5_loss.top_k=4"
+    with pytest.raises(ValueError, match="not key=value"):
+        parse_variant("eopd[loss.alpha]")
+    with pytest.raises(ValueError, match="unknown preset 'eodp'"):
+        parse_variant("eodp")
+    with pytest.raises(SystemExit):  # before any world is built
+        cli(["--objectives", "opd,eopd[alpha", "--output-dir", "/nonexistent/x"])
+    assert "expected PRESET or PRESET[key=value" in capsys.readouterr().err
+    from pathlib import Path
+
+    from eopd.demo import DemoPlan, RunSpec, _train_command
+
+    plan = DemoPlan(["eopd[loss.alpha=0.5]"], [0], 10, 5, 8, train_overrides=["optim.lr=1e-4"])
+    cmd = _train_command(RunSpec("eopd[loss.alpha=0.5]", 0, Path("o")), plan, Path("t"), Path("s"), Path("c.yaml"))
+    assert "objective=eopd" in cmd and cmd[-2:] == ["optim.lr=1e-4", "loss.alpha=0.5"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
 import yaml
 
 from eopd.report import RunResult, markdown_table, plot_curves, plot_entropy_histogram
@@ -57,9 +59,43 @@ def plan_for(mode: str, config: dict) -> DemoPlan:
                     train_overrides=[f"{k}={v}" for k, v in m.get("train", {}).items()])
 
 
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    """``"eopd[loss.alpha=0.25,loss.tau=0.5]"`` -> ``("eopd", ["loss.alpha=0.25", "loss.tau=0.5"])``.
+
+    A variant is an objective preset plus ``eopd train`` overrides, so a settings sweep runs as one demo with
+    one report; the whole string is its label. A plain preset name has no overrides.
+    """
+    from eopd.losses import PRESETS
+
+    m = re.fullmatch(r"\s*([A-Za-z_][\w-]*)\s*(?:\[(.*)\])?\s*", spec)
+    if m is None:
+        raise ValueError(f"objective {spec!r}: expected PRESET or PRESET[key=value,...], e.g. eopd[loss.alpha=0.25]")
+    if m.group(1) not in PRESETS:
+        raise ValueError(f"objective {spec!r}: unknown preset {m.group(1)!r}; choose one of: {', '.join(PRESETS)}")
+    overrides = [o.strip() for o in (m.group(2) or "").split(",") if o.strip()]
+    for o in overrides:
+        if "=" not in o:
+            raise ValueError(f"objective {spec!r}: override {o!r} is not key=value")
+    return m.group(1), overrides
+
+
+def split_objectives(text: str) -> list[str]:
+    """Split ``--objectives`` on commas outside brackets: ``"opd,eopd[loss.alpha=0.5,loss.top_k=4]"``."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [p.strip() for p in parts if p.strip()]
+
+
 @dataclass
 class RunSpec:
-    """One distillation subprocess."""
+    """One distillation subprocess; ``objective`` is a preset name or a variant ``preset[key=value,...]``."""
 
     objective: str
     seed: int
@@ -75,12 +111,18 @@ class RunSpec:
         return f"{self.objective}/seed{self.seed}"
 
 
+def run_folder(objective: str) -> str:
+    """A folder name for a variant label: ``eopd[loss.alpha=0.25]`` -> ``eopd_loss.alpha=0.25``."""
+    return re.sub(r"[^\w.=-]+", "_", objective).strip("_")
+
+
 def _train_command(spec: RunSpec, plan: DemoPlan, teacher: Path, student: Path, train_yaml: Path) -> list[str]:
+    preset, variant_overrides = parse_variant(spec.objective)
     return [sys.executable, "-m", "eopd", "train", str(train_yaml), f"models.teacher={teacher}",
-            f"models.student={student}", f"output_dir={spec.output_dir}", f"objective={spec.objective}",
+            f"models.student={student}", f"output_dir={spec.output_dir}", f"objective={preset}",
             f"seed={spec.seed}", f"max_steps={plan.max_steps}", f"eval.every={plan.eval_every}",
             f"eval.problems={plan.eval_problems}", "num_threads=1", "tensorboard=false",
-            *plan.train_overrides]
+            *plan.train_overrides, *variant_overrides]
 
 
 def run_all(specs: list[RunSpec], commands: dict[str, list[str]], workers: int, total_steps: int) -> None:
@@ -166,6 +208,7 @@ def teacher_entropy_on_student_samples(teacher_path: Path, student_path: Path, p
     from eopd.teacher import HFTeacher
     from eopd.trainer import encode_prompts
 
+    transformers.utils.logging.disable_progress_bar()  # two tiny models: no "Loading weights" bars in the output
     tok = load_tokenizer(student_path)
     student, teacher = load_causal_lm(student_path), load_causal_lm(teacher_path)
     vocab = aligned_vocab_size(teacher, student, tok)
@@ -240,13 +283,19 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--config", default=str(DEMO_CONFIG), help="demo config (modes, world, training recipe)")
     p.add_argument("--output-dir", default="runs/demo", help="where runs, report.md and plots go")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel (one thread each)")
-    p.add_argument("--objectives", help="comma-separated objectives instead of the mode's")
+    p.add_argument("--objectives", help="comma-separated objectives instead of the mode's; a variant "
+                   "PRESET[key=value,...] adds eopd train overrides, e.g. opd,eopd,eopd[loss.alpha=0.25]")
     p.add_argument("--seeds", type=int, help="number of seeds instead of the mode's")
     p.add_argument("--steps", type=int, help="steps per run instead of the mode's")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the training recipe of every run (eopd train keys, e.g. optim.lr=3e-4)")
     p.add_argument("--cache-dir", help="world cache (default: $EOPD_CACHE or ~/.cache/eopd/world)")
     args = p.parse_args(argv)
+    try:
+        for objective in split_objectives(args.objectives or ""):
+            parse_variant(objective)
+    except ValueError as e:
+        p.error(str(e))
     return run_demo(args, " ".join(["eopd demo", *argv]))
 
 
@@ -258,7 +307,7 @@ def run_demo(args: argparse.Namespace, command: str) -> int:
     config = yaml.safe_load(Path(args.config).read_text())
     plan = plan_for("quick" if args.quick else "full" if args.full else "default", config)
     if args.objectives:
-        plan.objectives = args.objectives.split(",")
+        plan.objectives = split_objectives(args.objectives)
     if args.seeds:
         plan.seeds = list(range(args.seeds))
     if args.steps:
@@ -280,7 +329,7 @@ def run_demo(args: argparse.Namespace, command: str) -> int:
     train_yaml = out / "train.yaml"
     train_yaml.write_text(yaml.safe_dump(config["train"], sort_keys=False))
 
-    specs = [RunSpec(o, s, out / "runs" / o / f"seed{s}") for o in plan.objectives for s in plan.seeds]
+    specs = [RunSpec(o, s, out / "runs" / run_folder(o) / f"seed{s}") for o in plan.objectives for s in plan.seeds]
     commands = {s.name: _train_command(s, plan, teacher, student, train_yaml) for s in specs}
     print(f"[demo] {len(specs)} runs x {plan.max_steps} steps, {args.workers} at a time", flush=True)
     run_all(specs, commands, args.workers, plan.max_steps)

@@ -30,6 +30,7 @@ from eopd.losses.objectives import (
     TokenWeights,
     objective,
     prepare_weights,
+    sparse_token_losses,
     summarize,
     token_losses,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "score_from_logits",
     "skew_forward_kl",
     "skew_reverse_kl",
+    "sparse_token_losses",
     "summarize",
     "todi",
     "token_losses",

@@ -50,10 +50,10 @@ from eopd.losses.objectives import (
     TokenWeights,
     objective,
     prepare_weights,
+    sparse_token_losses,
     summarize,
     token_losses,
 )
-from eopd.losses.sampled import importance_weighted_fkl, ppo_clipped_surrogate, sampled_rkl_advantage
 from eopd.losses.scoring import (
     balanced_chunk,
     default_chunk_size,
@@ -133,47 +133,6 @@ class _Buffers:
     teacher: Tensor | None
 
 
-def _sparse_token_losses(
-    cfg: ObjectiveConfig, logq_tok_C: Tensor, logq_topk_CK: Tensor | None, batch: TokenBatch, weights: TokenWeights
-) -> dict[str, Tensor]:
-    """``token_losses`` for sparse presets, from the student log-probs at the needed ids only.
-
-    Mirrors ``objectives.token_losses`` for ``rkl in {ppo, none}``, ``fkl in {topk, importance, none}``; the
-    exactness tests compare the two for every such preset.
-
-    Args:
-        cfg: A sparse objective (``is_sparse(cfg)``).
-        logq_tok_C: ``[C]`` student log-prob of the sampled token (carries gradient).
-        logq_topk_CK: ``[C, K]`` student log-probs at the teacher's top-k ids (``fkl == "topk"``, or the
-            diagnostic FKL of ``fkl == "none"``), else ``None``.
-        batch: The chunk's inputs.
-        weights: The chunk's weights.
-
-    Returns:
-        ``"loss"`` (with gradient), ``"rkl"``, ``"fkl"`` (detached), all ``[C]`` and 0 where masked.
-    """
-    mask = batch.mask.bool()
-    zeros = torch.zeros(mask.shape, dtype=logq_tok_C.dtype, device=logq_tok_C.device)
-    rkl, fkl = zeros, zeros
-    if cfg.rkl == "ppo":
-        logp_old = _need(batch.logp_old, "logp_old", cfg)
-        adv = sampled_rkl_advantage(_need(batch.teacher_logp, "teacher_logp", cfg), logp_old)
-        rkl = ppo_clipped_surrogate(logq_tok_C, logp_old, adv, cfg.clip_eps)
-    if cfg.fkl == "importance":
-        fkl = importance_weighted_fkl(
-            logq_tok_C, _need(batch.logp_old, "logp_old", cfg), _need(batch.teacher_logp, "teacher_logp", cfg),
-            cfg.is_max_weight,
-        )
-    elif cfg.fkl == "topk":
-        topk_lp = _need(batch.teacher_topk_logprobs, "teacher_topk_logprobs", cfg)
-        fkl = D.topk_kl_from_student_logprobs(logq_topk_CK, topk_lp)
-    loss = torch.where(mask, weights.w_rkl * rkl + weights.w_fkl * fkl, zeros)
-    if cfg.fkl == "none" and logq_topk_CK is not None and batch.teacher_topk_logprobs is not None:
-        with torch.no_grad():  # diagnostic only, as in ``token_losses``
-            fkl = D.topk_kl_from_student_logprobs(logq_topk_CK, batch.teacher_topk_logprobs)
-    return {"loss": loss, "rkl": torch.where(mask, rkl.detach(), zeros), "fkl": torch.where(mask, fkl.detach(), zeros)}
-
-
 def _need(value: Tensor | None, what: str, cfg: ObjectiveConfig) -> Tensor:
     if value is None:
         raise ValueError(f"objective {cfg.name!r} needs {what} in the TokenBatch")
@@ -220,7 +179,7 @@ def _sparse_chunk(
     with torch.enable_grad():
         logq_CK = (z_ids_CK - stats.lse.unsqueeze(1)).requires_grad_(True)
         logq_topk_CK = logq_CK[:, 1:] if ids_CK.shape[1] > 1 else None
-        parts = _sparse_token_losses(cfg, logq_CK[:, 0], logq_topk_CK, batch_c, weights_c)
+        parts = sparse_token_losses(cfg, logq_CK[:, 0], logq_topk_CK, batch_c, weights_c)
         grad_CV = None
         if need_grad:
             # d loss / d z = scatter(g) - softmax(z) * sum(g), softmax(z) = exp(z - m) / S; d z / d logits = 1 / T.

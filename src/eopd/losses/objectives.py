@@ -355,55 +355,90 @@ def token_losses(
     )
     if cfg.divergence is not None:
         teacher_logits = _require(batch.teacher_logits, "teacher_logits", cfg)
-        loss = _single_divergence(cfg, student_logits, teacher_logits)
-        rkl, fkl = zeros, zeros
+        loss = torch.where(mask, _single_divergence(cfg, student_logits, teacher_logits), zeros)
+        parts = {"loss": loss, "rkl": zeros, "fkl": zeros}
     else:
-        rkl = _rkl_term(cfg, student_logits, logq, batch, zeros)
-        fkl = _fkl_term(cfg, student_logits, logq, batch, zeros)
-        loss = weights.w_rkl * rkl + weights.w_fkl * fkl
-        if cfg.fkl == "none" and batch.teacher_topk_ids is not None and batch.teacher_topk_logprobs is not None:
-            # diagnostic only (no gradient): the top-k forward KL an objective without FKL leaves behind
-            with torch.no_grad():
-                fkl = D.topk_kl_from_student_logprobs(logq.gather(-1, batch.teacher_topk_ids),
-                                                      batch.teacher_topk_logprobs)
-    loss = torch.where(mask, loss, zeros)
-    return {
-        "loss": loss,
-        "rkl": torch.where(mask, rkl.detach(), zeros),
-        "fkl": torch.where(mask, fkl.detach(), zeros),
-        "student_entropy": torch.where(mask, student_entropy, zeros),
-    }
+        logq_tok = logq.gather(-1, batch.tokens.unsqueeze(-1)).squeeze(-1)
+        ids = batch.teacher_topk_ids
+        logq_topk = logq.gather(-1, ids) if ids is not None else None
+        if cfg.rkl == "exact":
+            rkl = D.kl_from_log_probs(logq, D.log_probs(_require(batch.teacher_logits, "teacher_logits", cfg), t))
+        else:
+            rkl = _sampled_rkl(cfg, logq_tok, batch, zeros)
+        if cfg.fkl == "exact":
+            fkl = D.kl_from_log_probs(D.log_probs(_require(batch.teacher_logits, "teacher_logits", cfg), t), logq)
+        elif cfg.fkl == "topk_tail":
+            fkl = D.topk_forward_kl_with_tail(student_logits, _require(ids, "teacher_topk_ids", cfg),
+                                              _require(batch.teacher_topk_logprobs, "teacher_topk_logprobs", cfg), t)
+        else:
+            fkl = _sampled_fkl(cfg, logq_tok, logq_topk, batch, zeros)
+        parts = _assemble(cfg, rkl, fkl, logq_topk, batch, weights)
+    parts["student_entropy"] = torch.where(mask, student_entropy, zeros)
+    return parts
 
 
-def _rkl_term(cfg: ObjectiveConfig, student_logits: Tensor, logq: Tensor, batch: TokenBatch, zeros: Tensor) -> Tensor:
-    if cfg.rkl == "none":
+def sparse_token_losses(
+    cfg: ObjectiveConfig, logq_tok: Tensor, logq_topk: Tensor | None, batch: TokenBatch, weights: TokenWeights
+) -> dict[str, Tensor]:
+    """``token_losses`` from the student's log-probs at the ids a sparse objective reads, not full logits.
+
+    Sparse objectives (``rkl in {ppo, none}``, ``fkl in {topk, importance, none}``) see the student only at the
+    sampled token and the teacher's top-k ids, which is what lets the fused path skip full logits. It shares
+    every term with ``token_losses`` (the same helpers), so the two cannot drift apart.
+
+    Args:
+        cfg: A sparse objective.
+        logq_tok: ``[...]`` student log-prob of the sampled token (carries gradient).
+        logq_topk: ``[..., K]`` student log-probs at the teacher's top-k ids (``fkl == "topk"``, or the
+            diagnostic FKL of ``fkl == "none"``), else ``None``.
+        batch: The positions' inputs.
+        weights: From ``prepare_weights``.
+
+    Returns:
+        ``"loss"`` (with gradient), ``"rkl"``, ``"fkl"`` (detached), all ``[...]`` and 0 where masked.
+    """
+    zeros = torch.zeros(batch.mask.shape, dtype=logq_tok.dtype, device=logq_tok.device)
+    rkl = _sampled_rkl(cfg, logq_tok, batch, zeros)
+    fkl = _sampled_fkl(cfg, logq_tok, logq_topk, batch, zeros)
+    return _assemble(cfg, rkl, fkl, logq_topk, batch, weights)
+
+
+def _sampled_rkl(cfg: ObjectiveConfig, logq_tok: Tensor, batch: TokenBatch, zeros: Tensor) -> Tensor:
+    """The PPO-clipped reverse KL on sampled tokens (``rkl == "ppo"``), else zeros."""
+    if cfg.rkl != "ppo":
         return zeros
-    if cfg.rkl == "exact":
-        teacher_logits = _require(batch.teacher_logits, "teacher_logits", cfg)
-        return D.kl_from_log_probs(logq, D.log_probs(teacher_logits, cfg.temperature))
-    logp = logq.gather(-1, batch.tokens.unsqueeze(-1)).squeeze(-1)
     logp_old = _require(batch.logp_old, "logp_old", cfg)
     adv = sampled_rkl_advantage(_require(batch.teacher_logp, "teacher_logp", cfg), logp_old)
-    return ppo_clipped_surrogate(logp, logp_old, adv, cfg.clip_eps)
+    return ppo_clipped_surrogate(logq_tok, logp_old, adv, cfg.clip_eps)
 
 
-def _fkl_term(cfg: ObjectiveConfig, student_logits: Tensor, logq: Tensor, batch: TokenBatch, zeros: Tensor) -> Tensor:
-    if cfg.fkl == "none":
-        return zeros
-    if cfg.fkl == "exact":
-        teacher_logits = _require(batch.teacher_logits, "teacher_logits", cfg)
-        return D.kl_from_log_probs(D.log_probs(teacher_logits, cfg.temperature), logq)
+def _sampled_fkl(
+    cfg: ObjectiveConfig, logq_tok: Tensor, logq_topk: Tensor | None, batch: TokenBatch, zeros: Tensor
+) -> Tensor:
+    """The forward KL from sampled tokens (``importance``) or the teacher's top-k (``topk``), else zeros."""
     if cfg.fkl == "importance":
-        logp = logq.gather(-1, batch.tokens.unsqueeze(-1)).squeeze(-1)
         return importance_weighted_fkl(
-            logp, _require(batch.logp_old, "logp_old", cfg), _require(batch.teacher_logp, "teacher_logp", cfg),
+            logq_tok, _require(batch.logp_old, "logp_old", cfg), _require(batch.teacher_logp, "teacher_logp", cfg),
             cfg.is_max_weight,
         )
-    ids = _require(batch.teacher_topk_ids, "teacher_topk_ids", cfg)
-    topk_lp = _require(batch.teacher_topk_logprobs, "teacher_topk_logprobs", cfg)
     if cfg.fkl == "topk":
-        return D.topk_kl_from_student_logprobs(logq.gather(-1, ids), topk_lp)
-    return D.topk_forward_kl_with_tail(student_logits, ids, topk_lp, cfg.temperature)
+        topk_lp = _require(batch.teacher_topk_logprobs, "teacher_topk_logprobs", cfg)
+        return D.topk_kl_from_student_logprobs(_require(logq_topk, "teacher_topk_ids", cfg), topk_lp)
+    return zeros
+
+
+def _assemble(
+    cfg: ObjectiveConfig, rkl: Tensor, fkl: Tensor, logq_topk: Tensor | None, batch: TokenBatch,
+    weights: TokenWeights,
+) -> dict[str, Tensor]:
+    """``w_R * RKL + w_F * FKL`` masked, plus the detached terms (the diagnostic top-k FKL when ``fkl="none"``)."""
+    mask = batch.mask.bool()
+    zeros = torch.zeros_like(rkl)
+    loss = torch.where(mask, weights.w_rkl * rkl + weights.w_fkl * fkl, zeros)
+    if cfg.fkl == "none" and logq_topk is not None and batch.teacher_topk_logprobs is not None:
+        with torch.no_grad():  # diagnostic only: the top-k forward KL an objective without FKL leaves behind
+            fkl = D.topk_kl_from_student_logprobs(logq_topk, batch.teacher_topk_logprobs)
+    return {"loss": loss, "rkl": torch.where(mask, rkl.detach(), zeros), "fkl": torch.where(mask, fkl.detach(), zeros)}
 
 
 def summarize(
