@@ -71,6 +71,27 @@ def test_student_kl_to_teacher_falls(tiny_models, tmp_path, objective):
     assert after[0] < before[0] * 1.05 and after[1] < before[1] * 1.05, (objective, before, after)
 
 
+@pytest.mark.parametrize("objective", ["mixture", "fkl", "jsd"])
+def test_exact_baselines_fused_from_teacher_hidden_match_plain(tiny_models, tmp_path, objective):
+    """The fused path gives exact baselines the teacher's hidden states + lm_head, never [B, T, V] logits."""
+    steps, calls = {}, []
+    for impl in ("fused", "plain"):
+        cfg = tiny_cfg(tiny_models, tmp_path / impl, f"objective={objective}", f"loss_impl={impl}", "max_steps=2",
+                       "rollout.prompts_per_step=4", "rollout.max_new_tokens=12", "optim.minibatch_size=8",
+                       "optim.micro_batch_size=4", "save_every=0")
+        d = Distiller(cfg)
+        if impl == "fused":
+            score = d.teacher.score
+            d.teacher.score = lambda *a, score=score, **k: calls.append(k) or score(*a, **k)  # type: ignore[method-assign]
+        steps[impl] = d.run()
+        if impl == "fused":
+            assert calls and all(c["want_hidden"] and not c["want_logits"] for c in calls)
+    for f, p in zip(steps["fused"], steps["plain"], strict=True):
+        for key in ("loss", "rkl", "fkl", "student_entropy", "teacher_entropy"):
+            if key in p:
+                assert f[key] == pytest.approx(p[key], rel=1e-4, abs=1e-6), (key, f[key], p[key])
+
+
 def _strip_times(rows):
     return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s/"))} for r in rows]
 

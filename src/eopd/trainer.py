@@ -3,7 +3,7 @@
     for step in 1..max_steps:
         prompts  = next prompts_per_step prompts of a seeded shuffle (each process takes its share)
         rollout  = student samples n completions per prompt (KV cache, seeded generator, mask after EOS)
-        scores   = teacher's sampled-token log-prob, entropy, top-k (full logits only for exact baselines)
+        scores   = teacher's sampled-token log-prob, entropy, top-k (+ hidden states for exact baselines)
         weights  = which tokens get forward KL (entropy gate, adaptive tau, random placement)
         for epoch in ppo_epochs, for minibatch: sum of per-token losses / global valid-token count -> AdamW
 
@@ -144,12 +144,16 @@ def student_loss(
     impl: str,
     vocab_size: int,
     chunk_size: int | None,
+    teacher_hidden_BTH: Tensor | None = None,
+    teacher_head: tuple[Tensor, Tensor | None] | None = None,
 ):
     """Loss of one micro-batch, normalised by the global valid-token count (``ObjectiveOutput``).
 
     ``plain`` materialises the student's ``[b, T, V]`` logits; ``fused`` runs the chunked lm_head + loss that
     keeps at most ``chunk_size x V`` alive and computes the lm_head gradients in the same pass (only the
-    first ``vocab_size`` rows of a padded lm_head are used; ``head`` is the model's output embedding).
+    first ``vocab_size`` rows of a padded lm_head are used; ``head`` is the model's output embedding). The
+    exact full-vocabulary baselines on the fused path get the teacher's hidden states and lm_head instead of
+    its logits, and recompute them chunk by chunk.
     """
     if impl == "plain":
         logits_BTV = completion_logits(model, rollout, vocab_size)
@@ -159,9 +163,13 @@ def student_loss(
     mask = rollout.completion_mask_BT.bool()
     hidden_NH = completion_hidden_states(model, rollout)[mask]
     pick = lambda x: x[mask]  # noqa: E731
+    teacher = {}
+    if teacher_hidden_BTH is not None and teacher_head is not None:
+        teacher = {"teacher_hidden": teacher_hidden_BTH[mask], "teacher_weight": teacher_head[0],
+                   "teacher_bias": teacher_head[1]}
     return fused_objective(obj, hidden_NH, head.weight, batch.map(pick), weights=weights.map(pick),
                            normalizer=normalizer, chunk_size=chunk_size, lm_head_bias=head.bias,
-                           vocab_size=vocab_size)
+                           vocab_size=vocab_size, **teacher)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -313,7 +321,8 @@ class Distiller:
             with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
                 yield
 
-    def _update(self, rollout: Rollout, batch: TokenBatch, weights: TokenWeights) -> dict[str, float]:
+    def _update(self, rollout: Rollout, batch: TokenBatch, weights: TokenWeights,
+                scores: TeacherScores) -> dict[str, float]:
         """PPO epochs over minibatches; returns token-weighted metric sums of the first epoch + grad norms."""
         o = self.cfg.optim
         B = rollout.completion_ids_BT.shape[0]
@@ -338,7 +347,9 @@ class Distiller:
                         out = student_loss(self.model, head, self.obj, rollout.select(r),
                                            batch.map(lambda x, r=r: x[r]), weights.map(lambda x, r=r: x[r]),
                                            normalizer=normalizer, impl=self.cfg.loss_impl,
-                                           vocab_size=self.vocab_size, chunk_size=self.cfg.chunk_size)
+                                           vocab_size=self.vocab_size, chunk_size=self.cfg.chunk_size,
+                                           teacher_hidden_BTH=None if scores.hidden_BTH is None
+                                           else scores.hidden_BTH[r], teacher_head=scores.head)
                         self.accelerator.backward(out.loss)
                     if epoch == 0:
                         for k, v in out.metrics.items():
@@ -361,12 +372,14 @@ class Distiller:
         rollout = self._sample(self._step_prompts())
         t1 = time.perf_counter()
         with self._autocast():
+            exact = self.obj.needs_teacher_logits
+            fused = self.cfg.loss_impl == "fused"
             scores = self.teacher.score(rollout, top_k=min(self.obj.top_k, self.vocab_size),
-                                        want_logits=self.obj.needs_teacher_logits)
+                                        want_logits=exact and not fused, want_hidden=exact and fused)
         batch = make_token_batch(rollout, scores)
         weights = self._weights(batch)
         t2 = time.perf_counter()
-        sums = self._update(rollout, batch, weights)
+        sums = self._update(rollout, batch, weights, scores)
         t3 = time.perf_counter()
         self.state.step += 1
         self.state.data_position += cfg.rollout.prompts_per_step
