@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -296,7 +297,7 @@ def cli(argv: list[str]) -> int:
             parse_variant(objective)
     except ValueError as e:
         p.error(str(e))
-    return run_demo(args, " ".join(["eopd demo", *argv]))
+    return run_demo(args, shlex.join(["eopd", "demo", *argv]))
 
 
 def run_demo(args: argparse.Namespace, command: str) -> int:

@@ -63,15 +63,22 @@ def markdown_table(results: Sequence[RunResult], columns: Sequence[tuple[str, st
     sep = "|---|---|" + "---|" * len(columns)
     lines = [head, sep]
     if baseline is not None:
-        cells = [f"{baseline.get(k, float('nan')):.{d}f}" for k, _, d in columns]
+        cells = [_cell(baseline.get(k, float("nan")), None, d) for k, _, d in columns]
         lines.append(f"| {baseline_name} | - | " + " | ".join(cells) + " |")
     for name, runs in grouped(results).items():
         cells = []
         for key, _, d in columns:
             m, s = mean_std([r.final.get(key, float("nan")) for r in runs])
-            cells.append(f"{m:.{d}f} ± {s:.{d}f}")
+            cells.append(_cell(m, s if len(runs) > 1 else None, d))
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _cell(mean: float, std: float | None, decimals: int) -> str:
+    """``mean ± std``, just ``mean`` for one run, ``-`` for a metric that was not measured (NaN)."""
+    if mean != mean:
+        return "-"
+    return f"{mean:.{decimals}f}" + ("" if std is None else f" ± {std:.{decimals}f}")
 
 
 def _pyplot():
