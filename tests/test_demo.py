@@ -83,3 +83,12 @@ def test_variants_parse_and_fail_clearly(capsys):
     plan = DemoPlan(["eopd[loss.alpha=0.5]"], [0], 10, 5, 8, train_overrides=["optim.lr=1e-4"])
     cmd = _train_command(RunSpec("eopd[loss.alpha=0.5]", 0, Path("o")), plan, Path("t"), Path("s"), Path("c.yaml"))
     assert "objective=eopd" in cmd and cmd[-2:] == ["optim.lr=1e-4", "loss.alpha=0.5"]
+
+
+def test_base_row_is_the_mean_of_every_step0_evaluation():
+    from eopd.demo import _base_metrics
+
+    runs = [RunResult("opd", 0, {}, [{"step": 0, "avg@n": 0.8}, {"step": 10, "avg@n": 0.9}]),
+            RunResult("eopd", 1, {}, [{"step": 0, "avg@n": 0.7}])]
+    assert _base_metrics(runs) == {"avg@n": pytest.approx(0.75)}
+    assert _base_metrics([RunResult("opd", 0, {}, [])]) is None

@@ -250,7 +250,8 @@ def write_report(out: Path, results: list[RunResult], base: dict[str, float] | N
         f"{plan.seeds}; evaluation on {plan.eval_problems} held-out prompts (never trained on), 8 samples each at "
         "temperature 1. Mean ± std over seeds. `distinct correct paths` counts different orders of adding the "
         "terms among the correct samples of a prompt; `share of base path` is the share of correct samples that "
-        "use the base student's only order (as written).",
+        "use the base student's only order (as written). The base student's row is the mean of every run's "
+        "step-0 evaluation (the same model, each run's sampling seed).",
         "",
         markdown_table(results, COLUMNS, baseline=base),
         "",
@@ -345,9 +346,9 @@ def run_demo(args: argparse.Namespace, command: str) -> int:
 
 
 def _base_metrics(results: list[RunResult]) -> dict[str, float] | None:
-    """The base student's evaluation: every run evaluates it at step 0; take the first."""
-    for r in results:
-        for point in r.curve:
-            if int(point["step"]) == 0:
-                return {k: v for k, v in point.items() if k != "step"}
-    return None
+    """The base student's evaluation: every run evaluates it at step 0 (its own sampling seed); the mean."""
+    points = [p for r in results for p in r.curve if int(p["step"]) == 0]
+    if not points:
+        return None
+    keys = [k for k in points[0] if k != "step"]
+    return {k: sum(float(p.get(k, float("nan"))) for p in points) / len(points) for k in keys}
