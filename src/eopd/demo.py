@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import transformers
 import yaml
 
 from eopd.report import RunResult, markdown_table, plot_curves, plot_entropy_histogram
@@ -203,13 +202,15 @@ def collect(spec: RunSpec, tail_frac: float = 0.2) -> RunResult:
 @torch.no_grad()
 def teacher_entropy_on_student_samples(teacher_path: Path, student_path: Path, prompts: int, seed: int) -> list[float]:
     """Teacher entropy at every valid position of the base student's samples on held-out prompts."""
+    from transformers.utils import logging as transformers_logging
+
     from eopd.models import aligned_vocab_size, load_causal_lm, load_tokenizer
     from eopd.rollout import sample
     from eopd.tasks.arithmetic import ArithmeticTask
     from eopd.teacher import HFTeacher
     from eopd.trainer import encode_prompts
 
-    transformers.utils.logging.disable_progress_bar()  # two tiny models: no "Loading weights" bars in the output
+    transformers_logging.disable_progress_bar()  # two tiny models: no "Loading weights" bars in the output
     tok = load_tokenizer(student_path)
     student, teacher = load_causal_lm(student_path), load_causal_lm(teacher_path)
     vocab = aligned_vocab_size(teacher, student, tok)

@@ -361,12 +361,11 @@ def token_losses(
         logq_tok = logq.gather(-1, batch.tokens.unsqueeze(-1)).squeeze(-1)
         ids = batch.teacher_topk_ids
         logq_topk = logq.gather(-1, ids) if ids is not None else None
-        if cfg.rkl == "exact":
-            rkl = D.kl_from_log_probs(logq, D.log_probs(_require(batch.teacher_logits, "teacher_logits", cfg), t))
-        else:
-            rkl = _sampled_rkl(cfg, logq_tok, batch, zeros)
+        exact = cfg.rkl == "exact" or cfg.fkl == "exact"  # teacher log-probs once for both exact terms
+        logp_T = D.log_probs(_require(batch.teacher_logits, "teacher_logits", cfg), t) if exact else None
+        rkl = D.kl_from_log_probs(logq, logp_T) if cfg.rkl == "exact" else _sampled_rkl(cfg, logq_tok, batch, zeros)
         if cfg.fkl == "exact":
-            fkl = D.kl_from_log_probs(D.log_probs(_require(batch.teacher_logits, "teacher_logits", cfg), t), logq)
+            fkl = D.kl_from_log_probs(logp_T, logq)
         elif cfg.fkl == "topk_tail":
             fkl = D.topk_forward_kl_with_tail(student_logits, _require(ids, "teacher_topk_ids", cfg),
                                               _require(batch.teacher_topk_logprobs, "teacher_topk_logprobs", cfg), t)
