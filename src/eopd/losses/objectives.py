@@ -360,7 +360,8 @@ def token_losses(
     else:
         logq_tok = logq.gather(-1, batch.tokens.unsqueeze(-1)).squeeze(-1)
         ids = batch.teacher_topk_ids
-        logq_topk = logq.gather(-1, ids) if ids is not None else None
+        # read only by the top-k FKL and by the diagnostic FKL of objectives without one
+        logq_topk = logq.gather(-1, ids) if ids is not None and cfg.fkl in ("topk", "none") else None
         exact = cfg.rkl == "exact" or cfg.fkl == "exact"  # teacher log-probs once for both exact terms
         logp_T = D.log_probs(_require(batch.teacher_logits, "teacher_logits", cfg), t) if exact else None
         rkl = D.kl_from_log_probs(logq, logp_T) if cfg.rkl == "exact" else _sampled_rkl(cfg, logq_tok, batch, zeros)
