@@ -19,9 +19,7 @@ from eopd.cli import main as eopd_main
 from eopd.eval_backends import (
     BackendUnavailableError,
     Generation,
-    completion_entropy_BT,
     import_vllm,
-    prompt_token_ids,
     topk_entropy,
 )
 from eopd.evaluation import (
@@ -34,7 +32,9 @@ from eopd.evaluation import (
     pass_at_k,
     write_results,
 )
+from eopd.forward import completion_entropy_BT
 from eopd.models import build_tiny_qwen3
+from eopd.prompting import encode_prompts
 from eopd.rollout import sample
 from eopd.tasks.base import Problem
 from eopd.tasks.math import find_data_dir
@@ -193,7 +193,7 @@ def test_evaluate_problems_grades_groups_and_summarises() -> None:
 def test_completion_entropy_matches_a_full_forward() -> None:
     tok = char_tokenizer(with_chat_template=False)
     model = build_tiny_qwen3(vocab_size=len(tok) + 5, seed=1).eval()
-    prompts = prompt_token_ids(tok, ["1+1=", "a much longer prompt here"], use_chat_template=False)
+    prompts = encode_prompts(tok, ["1+1=", "a much longer prompt here"], chat_template=False)
     gen = torch.Generator().manual_seed(0)
     rollout = sample(
         model,

@@ -19,10 +19,11 @@ from eopd.checkpoint import latest_checkpoint, list_checkpoints
 from eopd.config import ConfigError, load_config
 from eopd.losses import forward_kl, reverse_kl
 from eopd.models import ModelLoadError, aligned_vocab_size, build_tiny_checkpoint, load_causal_lm
+from eopd.prompting import encode_prompts
 from eopd.rollout import sample
 from eopd.teacher import completion_logits
 from eopd.tracking import read_metrics
-from eopd.trainer import Distiller, encode_prompts, train
+from eopd.trainer import Distiller, train
 
 from .conftest import REPO
 
@@ -58,7 +59,7 @@ def test_student_kl_to_teacher_falls(tiny_models, tmp_path, objective):
                    "rollout.max_new_tokens=16", "optim.minibatch_size=8", "optim.micro_batch_size=8",
                    "optim.lr=3e-3", "save_every=0")
     d = Distiller(cfg)
-    prompts = encode_prompts(d.tokenizer, d.task.problems("test")[:16], False)
+    prompts = encode_prompts(d.tokenizer, [p.prompt for p in d.task.problems("test")[:16]], chat_template=False)
     before = exact_kls(d.student, d.teacher_model, d.tokenizer, prompts, d.vocab_size)
     history = d.run()
     after = exact_kls(d.student, d.teacher_model, d.tokenizer, prompts, d.vocab_size)

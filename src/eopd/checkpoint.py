@@ -12,15 +12,14 @@ the ``.tmp`` suffix is therefore complete. Older checkpoints beyond ``keep`` are
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from eopd.folders import atomic_folder, save_model_folder
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
@@ -62,47 +61,6 @@ def save_checkpoint(
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-@contextmanager
-def atomic_folder(final: str | Path) -> Iterator[Path]:
-    """Yield ``FINAL.tmp`` to write into; on success it replaces ``final`` in one rename.
-
-    A crash mid-write leaves only the ``.tmp`` folder (ignored by readers, cleared by the next write), never a
-    half-written ``final``.
-    """
-    final = Path(final)
-    tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    yield tmp
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-
-
-def save_model_folder(path: Path, model: Any, tokenizer: Any) -> None:
-    """``save_pretrained`` a model (safetensors) and, when given, its tokenizer into one folder."""
-    model.save_pretrained(path, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Flush a folder's entries to disk (best effort; not every filesystem supports it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

@@ -205,17 +205,17 @@ def teacher_entropy_on_student_samples(teacher_path: Path, student_path: Path, p
     from transformers.utils import logging as transformers_logging
 
     from eopd.models import aligned_vocab_size, load_causal_lm, load_tokenizer
+    from eopd.prompting import encode_prompts
     from eopd.rollout import sample
     from eopd.tasks.arithmetic import ArithmeticTask
     from eopd.teacher import HFTeacher
-    from eopd.trainer import encode_prompts
 
     transformers_logging.disable_progress_bar()  # two tiny models: no "Loading weights" bars in the output
     tok = load_tokenizer(student_path)
     student, teacher = load_causal_lm(student_path), load_causal_lm(teacher_path)
     vocab = aligned_vocab_size(teacher, student, tok)
     problems = ArithmeticTask().problems("test")[:prompts]
-    r = sample(student, encode_prompts(tok, problems, False), n=4, max_new_tokens=40,
+    r = sample(student, encode_prompts(tok, [p.prompt for p in problems], chat_template=False), n=4, max_new_tokens=40,
                eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id,
                generator=torch.Generator().manual_seed(seed), vocab_size=vocab)
     scores = HFTeacher(teacher, vocab, 1.0).score(r, top_k=1, want_logits=False)

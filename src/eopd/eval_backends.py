@@ -2,7 +2,7 @@
 
 Both turn prompt texts into ``n`` ``Generation`` records per prompt (text, length in tokens, whether it
 ended with EOS, the model's mean token entropy on it), so the grading and metrics never know which
-backend ran. Prompts are formatted and tokenised identically for both (``prompt_token_ids``).
+backend ran. Prompts are formatted and tokenised identically for both (``eopd.prompting.encode_prompts``).
 
 Entropy: the HF backend computes the exact entropy of the temperature-scaled full-vocabulary
 distribution at every completion position (an extra no-grad forward over the sampled sequences). vLLM
@@ -21,9 +21,9 @@ from typing import Any, Protocol
 
 import torch
 
-from eopd.losses.divergences import entropy
-from eopd.losses.scoring import score_chunked
-from eopd.rollout import Rollout, decode_completions, position_ids_from_mask, sample
+from eopd.forward import completion_entropy_BT
+from eopd.prompting import encode_prompts, eos_token_ids
+from eopd.rollout import decode_completions, sample
 
 logger = logging.getLogger(__name__)
 
@@ -58,135 +58,6 @@ class GenerationBackend(Protocol):
     def generate(self, prompts: Sequence[str], n: int) -> list[list[Generation]]:
         """``n`` completions for each prompt text, in prompt order."""
         ...
-
-
-def resolve_chat_template(tokenizer: Any, use_chat_template: bool | str) -> bool:
-    """``"auto"`` -> whether the tokenizer has a chat template; True without one is an error."""
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if use_chat_template == "auto":
-        return has_template
-    if use_chat_template and not has_template:
-        raise ValueError(
-            "a chat template was required (use_chat_template=True / --chat-template on) but the tokenizer has "
-            "none; use 'auto' (template when present) or off"
-        )
-    return bool(use_chat_template)
-
-
-def prompt_token_ids(tokenizer: Any, prompts: Sequence[str], use_chat_template: bool) -> list[list[int]]:
-    """Token ids of each prompt, as a single user turn through the chat template when asked.
-
-    With a template the template's own special tokens are kept and none added; without one the tokenizer
-    adds its usual ones (e.g. a BOS).
-    """
-    out = []
-    for text in prompts:
-        if use_chat_template:
-            chat = [{"role": "user", "content": text}]
-            formatted = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-            out.append(list(tokenizer(formatted, add_special_tokens=False)["input_ids"]))
-        else:
-            out.append(list(tokenizer(text)["input_ids"]))
-    return out
-
-
-def eos_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
-    """End-of-completion ids: the tokenizer's EOS plus the model's generation-config EOS ids (chat models
-    often end turns with a different token, e.g. Qwen's ``<|im_end|>``)."""
-    ids: list[int] = []
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    gen_cfg = getattr(model, "generation_config", None)
-    extra = getattr(gen_cfg, "eos_token_id", None)
-    for e in extra if isinstance(extra, list) else [extra]:
-        if e is not None and int(e) not in ids:
-            ids.append(int(e))
-    if not ids:
-        raise ValueError("the tokenizer has no eos_token and the model's generation_config names none")
-    return ids
-
-
-def _hidden_states_BLH(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor | None:
-    """Final hidden states of the decoder body (None when the model does not expose one we can trust)."""
-    if getattr(model.config, "final_logit_softcapping", None):
-        return None  # logits are not just lm_head(hidden); use the full forward
-    try:
-        body = model.get_decoder()
-    except (AttributeError, NotImplementedError):
-        return None
-    if body is None or body is model:
-        return None
-    out = body(
-        input_ids=rollout.sequences_BL,
-        attention_mask=rollout.attention_mask_BL,
-        position_ids=position_ids_from_mask(rollout.attention_mask_BL),
-        use_cache=False,
-    )
-    return out.last_hidden_state
-
-
-def _rows_entropy_BT(
-    model: torch.nn.Module, rollout: Rollout, temperature: float, vocab_size: int, max_chunk_elements: int
-) -> torch.Tensor:
-    """``completion_entropy_BT`` for one group of rows (unmasked).
-
-    From hidden states the lm_head runs through the shared chunked scorer (``losses.scoring.score_chunked``),
-    at most ``max_chunk_elements`` logits at a time; models whose logits are not just ``lm_head(hidden)``
-    take one full forward.
-    """
-    P, T = rollout.prompt_len, rollout.completion_ids_BT.shape[1]
-    hidden_BLH = _hidden_states_BLH(model, rollout)
-    if hidden_BLH is None:
-        logits_BLV = model(
-            input_ids=rollout.sequences_BL,
-            attention_mask=rollout.attention_mask_BL,
-            position_ids=position_ids_from_mask(rollout.attention_mask_BL),
-            use_cache=False,
-        ).logits
-        return entropy(logits_BLV[:, P - 1 : P - 1 + T, :vocab_size], temperature)
-    lm_head = model.get_output_embeddings()
-    chunk = max(1, max_chunk_elements // min(vocab_size, lm_head.weight.shape[0]))
-    scores = score_chunked(hidden_BLH[:, P - 1 : P - 1 + T], lm_head.weight, temperature=temperature,
-                           chunk_size=chunk, vocab_size=vocab_size, bias=lm_head.bias)
-    return scores.entropy
-
-
-@torch.no_grad()
-def completion_entropy_BT(
-    model: torch.nn.Module,
-    rollout: Rollout,
-    *,
-    temperature: float,
-    vocab_size: int,
-    rows_per_forward: int = 8,
-    max_chunk_elements: int = 1 << 26,
-) -> torch.Tensor:
-    """The model's entropy at each completion position of a rollout (0 where masked).
-
-    Position ``t`` of the completion is predicted by the logits at sequence column ``P - 1 + t``. Rows go
-    through the model ``rows_per_forward`` at a time, and the lm_head is applied in time chunks of at most
-    ``max_chunk_elements`` logits, so a long rollout over a 150k-token vocabulary never materialises
-    ``[B, T, V]`` (nor eager attention's ``[B, heads, L, L]``) at once.
-
-    Args:
-        model: The causal LM that sampled the rollout.
-        rollout: Its samples; ``sequences_BL`` is ``[B, P + T]``.
-        temperature: The sampling temperature (the entropy is of the tempered distribution).
-        vocab_size: Tokenizer vocabulary; padded lm_head rows are excluded.
-        rows_per_forward: Rows per forward pass.
-        max_chunk_elements: Upper bound on logits held at once.
-
-    Returns:
-        Entropy in nats, float32, ``[B, T]``.
-    """
-    B = rollout.sequences_BL.shape[0]
-    parts = [
-        _rows_entropy_BT(
-            model, rollout.select(slice(r, r + rows_per_forward)), temperature, vocab_size, max_chunk_elements
-        )
-        for r in range(0, B, rows_per_forward)
-    ]
-    return torch.cat(parts, dim=0) * rollout.completion_mask_BT
 
 
 class HFBackend:
@@ -258,7 +129,7 @@ class HFBackend:
 
     def generate(self, prompts: Sequence[str], n: int) -> list[list[Generation]]:
         """``n`` completions per prompt; prompts are batched longest first (less padding, early OOM)."""
-        ids = prompt_token_ids(self.tokenizer, prompts, self.use_chat_template)
+        ids = encode_prompts(self.tokenizer, prompts, chat_template=self.use_chat_template)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         per_call = max(1, self.batch_size // n)
         out: list[list[Generation]] = [[] for _ in ids]
@@ -350,7 +221,7 @@ class VLLMBackend:
             max_tokens=self.max_new_tokens,
             logprobs=self.top_logprobs,
         )
-        ids = prompt_token_ids(self.tokenizer, prompts, self.use_chat_template)
+        ids = encode_prompts(self.tokenizer, prompts, chat_template=self.use_chat_template)
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in ids], params)
         return [[self._record(c) for c in request.outputs] for request in outputs]
 

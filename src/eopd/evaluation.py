@@ -29,8 +29,8 @@ from eopd.eval_backends import (
     Generation,
     GenerationBackend,
     make_backend,
-    resolve_chat_template,
 )
+from eopd.prompting import resolve_chat_template
 from eopd.tasks.base import Problem
 from eopd.tasks.math import PAPER_BENCHMARKS, PROMPT_SUFFIX, BenchmarkFormatError, extract_boxed, grade
 

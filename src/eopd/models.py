@@ -182,8 +182,8 @@ def build_tiny_checkpoint(
         num_kv_heads=num_kv_heads, seed=seed, initializer_range=initializer_range,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
     )
-    from eopd.checkpoint import atomic_folder, save_model_folder
+    from eopd.folders import atomic_folder, save_model_folder
 
-    with atomic_folder(path) as tmp:
+    with atomic_folder(path, keep_existing=True) as tmp:
         save_model_folder(tmp, model, tok)
     return path

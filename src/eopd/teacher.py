@@ -17,8 +17,9 @@ from typing import Protocol
 
 import torch
 
+from eopd.forward import completion_hidden_states, completion_logits
 from eopd.losses.scoring import score_chunked, score_from_logits
-from eopd.rollout import Rollout, position_ids_from_mask
+from eopd.rollout import Rollout
 
 Tensor = torch.Tensor
 
@@ -66,27 +67,6 @@ class Teacher(Protocol):
     def score(self, rollout: Rollout, *, top_k: int, want_logits: bool, want_hidden: bool = False) -> TeacherScores:
         """Scores of every completion position of ``rollout`` (full logits / hidden states when asked)."""
         ...
-
-
-def completion_hidden_states(model: torch.nn.Module, rollout: Rollout) -> Tensor:
-    """Final (normed) hidden states that predict each completion token, ``[B, T, H]``.
-
-    Calls the model itself (so DDP/FSDP wrappers see the forward) with ``logits_to_keep=1``: the lm_head is
-    applied to one position only, and the loss applies it chunk by chunk.
-    """
-    seq, attn = rollout.sequences_BL, rollout.attention_mask_BL
-    out = model(input_ids=seq, attention_mask=attn, position_ids=position_ids_from_mask(attn),
-                output_hidden_states=True, logits_to_keep=1, use_cache=False)
-    P = rollout.prompt_len
-    return out.hidden_states[-1][:, P - 1 : -1]
-
-
-def completion_logits(model: torch.nn.Module, rollout: Rollout, vocab_size: int) -> Tensor:
-    """Full logits predicting each completion token, sliced to the aligned vocabulary, ``[B, T, V]``."""
-    seq, attn = rollout.sequences_BL, rollout.attention_mask_BL
-    out = model(input_ids=seq, attention_mask=attn, position_ids=position_ids_from_mask(attn), use_cache=False)
-    P = rollout.prompt_len
-    return out.logits[:, P - 1 : -1, :vocab_size]
 
 
 class HFTeacher:

@@ -31,6 +31,8 @@ import torch
 
 from eopd import checkpoint as ckpt
 from eopd.config import ConfigError, TrainConfig, load_config, to_dict
+from eopd.folders import atomic_folder, save_model_folder
+from eopd.forward import completion_hidden_states, completion_logits
 from eopd.losses import AdaptiveTau, ObjectiveConfig, TokenBatch, TokenWeights, objective, prepare_weights
 from eopd.models import (
     ModelLoadError,
@@ -41,9 +43,11 @@ from eopd.models import (
     resolve_device,
     resolve_dtype,
 )
+from eopd.optim import build_optimizer, build_scheduler
+from eopd.prompting import encode_prompts, eos_token_ids
 from eopd.rollout import Rollout, sample
-from eopd.tasks.base import Problem, Task
-from eopd.teacher import HFTeacher, TeacherScores, completion_hidden_states, completion_logits
+from eopd.tasks.base import Task
+from eopd.teacher import HFTeacher, TeacherScores
 from eopd.tracking import MetricsLogger, truncate_metrics
 
 Tensor = torch.Tensor
@@ -78,49 +82,6 @@ def ensure_models(cfg: TrainConfig) -> None:
     for path, spec in ((m.teacher, m.build_teacher), (m.student, m.build_student)):
         if spec is not None and not Path(path).expanduser().is_dir():
             build_tiny_checkpoint(path, alphabet=m.build_alphabet, **dataclasses.asdict(spec))
-
-
-def encode_prompts(tokenizer, problems: list[Problem], chat_template: bool) -> list[list[int]]:
-    """Token ids of each prompt (through the chat template when asked and available)."""
-    out = []
-    for p in problems:
-        if chat_template and getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}], add_generation_prompt=True,
-                                                tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-        else:
-            ids = tokenizer.encode(p.prompt, add_special_tokens=False)
-        out.append(list(ids))
-    return out
-
-
-def eos_ids(tokenizer, model) -> list[int]:
-    """Every id that ends a completion: the tokenizer's EOS and the model's generation-config EOS ids."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    gen = getattr(model, "generation_config", None)
-    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
-    if isinstance(extra, int):
-        ids.add(extra)
-    elif isinstance(extra, list | tuple):
-        ids.update(int(e) for e in extra)
-    if not ids:
-        raise ModelLoadError("neither the tokenizer nor the model names an EOS token; completions could never end")
-    return sorted(ids)
-
-
-def lr_lambda(total_updates: int, warmup: int, min_ratio: float):
-    """Linear warmup then cosine decay to ``min_ratio`` of the peak, per optimizer update."""
-
-    def f(update: int) -> float:
-        if update < warmup:
-            return (update + 1) / warmup
-        progress = min(1.0, (update - warmup) / max(1, total_updates - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
 
 
 def make_token_batch(rollout: Rollout, scores: TeacherScores) -> TokenBatch:
@@ -243,7 +204,7 @@ class Distiller:
         self.vocab_size = aligned_vocab_size(self.teacher_model, self.student, self.tokenizer)
         if self.obj.top_k > self.vocab_size:
             raise ConfigError(f"loss.top_k: {self.obj.top_k} exceeds the vocabulary ({self.vocab_size} tokens)")
-        self.eos = eos_ids(self.tokenizer, self.student)
+        self.eos = eos_token_ids(self.tokenizer, self.student)
         self.teacher = HFTeacher(self.teacher_model, self.vocab_size, cfg.rollout.temperature,
                                  cfg.optim.micro_batch_size, cfg.chunk_size)
 
@@ -251,14 +212,15 @@ class Distiller:
         self.problems = self.task.problems(cfg.data.split)[: cfg.data.limit]
         if not self.problems:
             raise ConfigError(f"data: split {cfg.data.split!r} of task {cfg.data.task!r} has no prompts")
-        self.prompt_ids = encode_prompts(self.tokenizer, self.problems, cfg.data.chat_template)
+        self.prompt_ids = encode_prompts(self.tokenizer, [p.prompt for p in self.problems],
+                                         chat_template=cfg.data.chat_template)
 
         o = cfg.optim
         self.updates_per_step = o.ppo_epochs * cfg.rollout.batch_size // o.minibatch_size
-        optimizer = torch.optim.AdamW(self.student.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
-                                      weight_decay=o.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(cfg.max_steps * self.updates_per_step, o.warmup_steps, o.min_lr_ratio))
+        optimizer = build_optimizer(self.student.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
+                                    weight_decay=o.weight_decay)
+        scheduler = build_scheduler(optimizer, total_updates=cfg.max_steps * self.updates_per_step,
+                                    warmup_updates=o.warmup_steps, min_lr_ratio=o.min_lr_ratio)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.student, optimizer, scheduler)
         self.adaptive = (AdaptiveTau(self.obj.adaptive_share, self.obj.adaptive_momentum)
                          if self.obj.adaptive_share is not None else None)
@@ -448,8 +410,8 @@ class Distiller:
         if not self.accelerator.is_main_process:
             return None
         final = self.out / "final"
-        with ckpt.atomic_folder(final) as tmp:
-            ckpt.save_model_folder(tmp, self.accelerator.unwrap_model(self.model), self.tokenizer)
+        with atomic_folder(final) as tmp:
+            save_model_folder(tmp, self.accelerator.unwrap_model(self.model), self.tokenizer)
         return final
 
     # -- the loop ------------------------------------------------------------------------------------------

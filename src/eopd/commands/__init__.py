@@ -1,0 +1,1 @@
+"""The ``eopd`` subcommands: each module parses its arguments and calls the library; no training logic here."""
