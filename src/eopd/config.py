@@ -29,7 +29,7 @@ def _help(text: str) -> dict[str, str]:
     return {"help": text}
 
 
-def _require(ok: bool, key: str, message: str) -> None:
+def require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
 
@@ -47,11 +47,11 @@ class TinyModelSpec:
     seed: int = field(default=0, metadata=_help("initialisation seed"))
 
     def __post_init__(self) -> None:
-        _require(self.hidden_size > 0 and self.hidden_size % self.num_heads == 0, "hidden_size",
+        require(self.hidden_size > 0 and self.hidden_size % self.num_heads == 0, "hidden_size",
                  f"must be a positive multiple of num_heads ({self.num_heads}), got {self.hidden_size}")
-        _require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+        require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
                  f"must divide num_heads ({self.num_heads}), got {self.num_kv_heads}")
-        _require(self.vocab_padding >= 0, "vocab_padding", f"must be >= 0, got {self.vocab_padding}")
+        require(self.vocab_padding >= 0, "vocab_padding", f"must be >= 0, got {self.vocab_padding}")
 
 
 @dataclass
@@ -71,9 +71,9 @@ class ModelsConfig:
     build_alphabet: str = field(default="0123456789+=,;", metadata=_help("characters of a built tokenizer"))
 
     def __post_init__(self) -> None:
-        _require(bool(self.teacher), "models.teacher", "is required (a local folder or a Hub id)")
-        _require(bool(self.student), "models.student", "is required (a local folder or a Hub id)")
-        _require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "models.dtype",
+        require(bool(self.teacher), "models.teacher", "is required (a local folder or a Hub id)")
+        require(bool(self.student), "models.student", "is required (a local folder or a Hub id)")
+        require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "models.dtype",
                  f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         for key, path, spec in (("models.teacher", self.teacher, self.build_teacher),
                                 ("models.student", self.student, self.build_student)):
@@ -100,10 +100,10 @@ class DataConfig:
     arithmetic: dict[str, Any] = field(default_factory=dict, metadata=_help("ArithmeticConfig fields"))
 
     def __post_init__(self) -> None:
-        _require(self.task in ("arithmetic", "math", "jsonl", "hf"), "data.task",
+        require(self.task in ("arithmetic", "math", "jsonl", "hf"), "data.task",
                  f"must be arithmetic, math, jsonl or hf, got {self.task!r}")
-        _require(self.task == "arithmetic" or bool(self.path), "data.path", f"is required for task {self.task!r}")
-        _require(self.limit is None or self.limit > 0, "data.limit", f"must be > 0, got {self.limit}")
+        require(self.task == "arithmetic" or bool(self.path), "data.path", f"is required for task {self.task!r}")
+        require(self.limit is None or self.limit > 0, "data.limit", f"must be > 0, got {self.limit}")
 
 
 @dataclass
@@ -117,11 +117,11 @@ class RolloutConfig:
     top_p: float = field(default=1.0, metadata=_help("nucleus mass for sampling (1 = full distribution)"))
 
     def __post_init__(self) -> None:
-        _require(self.prompts_per_step > 0, "rollout.prompts_per_step", f"must be > 0, got {self.prompts_per_step}")
-        _require(self.n > 0, "rollout.n", f"must be > 0, got {self.n}")
-        _require(self.max_new_tokens > 0, "rollout.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
-        _require(self.temperature > 0, "rollout.temperature", f"must be > 0, got {self.temperature}")
-        _require(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")
+        require(self.prompts_per_step > 0, "rollout.prompts_per_step", f"must be > 0, got {self.prompts_per_step}")
+        require(self.n > 0, "rollout.n", f"must be > 0, got {self.n}")
+        require(self.max_new_tokens > 0, "rollout.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+        require(self.temperature > 0, "rollout.temperature", f"must be > 0, got {self.temperature}")
+        require(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")
 
     @property
     def batch_size(self) -> int:
@@ -145,17 +145,17 @@ class OptimConfig:
     ppo_epochs: int = field(default=1, metadata=_help("passes over each rollout batch"))
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
-        _require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
-        _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        _require(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
-        _require(self.minibatch_size > 0, "optim.minibatch_size", f"must be > 0, got {self.minibatch_size}")
-        _require(self.micro_batch_size > 0 and self.minibatch_size % self.micro_batch_size == 0,
+        require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
+        require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        require(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
+        require(self.minibatch_size > 0, "optim.minibatch_size", f"must be > 0, got {self.minibatch_size}")
+        require(self.micro_batch_size > 0 and self.minibatch_size % self.micro_batch_size == 0,
                  "optim.micro_batch_size",
                  f"must divide optim.minibatch_size ({self.minibatch_size}), got {self.micro_batch_size}")
-        _require(self.ppo_epochs > 0, "optim.ppo_epochs", f"must be > 0, got {self.ppo_epochs}")
+        require(self.ppo_epochs > 0, "optim.ppo_epochs", f"must be > 0, got {self.ppo_epochs}")
 
 
 @dataclass
@@ -171,8 +171,8 @@ class EvalConfig:
     max_new_tokens: int | None = field(default=None, metadata=_help("default: rollout.max_new_tokens"))
 
     def __post_init__(self) -> None:
-        _require(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")
-        _require(self.problems > 0 and self.n > 0, "eval.problems/eval.n", "must be > 0")
+        require(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")
+        require(self.problems > 0 and self.n > 0, "eval.problems/eval.n", "must be > 0")
 
 
 @dataclass
@@ -202,13 +202,13 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=_help("periodic evaluation"))
 
     def __post_init__(self) -> None:
-        _require(self.max_steps > 0, "max_steps", f"must be > 0, got {self.max_steps}")
-        _require(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}")
-        _require(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
-        _require(self.loss_impl in ("fused", "plain"), "loss_impl", f"must be fused or plain, got {self.loss_impl!r}")
-        _require(self.chunk_size is None or self.chunk_size > 0, "chunk_size", f"must be > 0, got {self.chunk_size}")
-        _require(self.log_every > 0, "log_every", f"must be > 0, got {self.log_every}")
-        _require(self.rollout.batch_size % self.optim.minibatch_size == 0, "optim.minibatch_size",
+        require(self.max_steps > 0, "max_steps", f"must be > 0, got {self.max_steps}")
+        require(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}")
+        require(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        require(self.loss_impl in ("fused", "plain"), "loss_impl", f"must be fused or plain, got {self.loss_impl!r}")
+        require(self.chunk_size is None or self.chunk_size > 0, "chunk_size", f"must be > 0, got {self.chunk_size}")
+        require(self.log_every > 0, "log_every", f"must be > 0, got {self.log_every}")
+        require(self.rollout.batch_size % self.optim.minibatch_size == 0, "optim.minibatch_size",
                  f"must divide the rollout batch (rollout.prompts_per_step * rollout.n = {self.rollout.batch_size}),"
                  f" got {self.optim.minibatch_size}")
         self.objective_config()  # validates objective + loss overrides now
