@@ -1,4 +1,4 @@
-"""The multi-path arithmetic task: traces, path keys, grading, the fixed split, config validation."""
+"""The multi-path arithmetic task: traces, path keys, token roles, grading, the fixed split, config validation."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from eopd.tasks.arithmetic import (
     STYLES,
     ArithmeticConfig,
     ArithmeticTask,
+    aligned_text,
     format_prompt,
     make_trace,
     order_choice_mask,
@@ -20,7 +21,13 @@ from eopd.tasks.arithmetic import (
     sample_traces,
     trace_for_order,
 )
-from eopd.tasks.base import Task
+from eopd.tasks.base import Problem, Task
+from eopd.tokenizer import build_char_tokenizer
+
+
+def _problem(terms: list[int]) -> Problem:
+    """The problem ``ArithmeticTask`` writes for ``terms``."""
+    return Problem(format_prompt(terms), format_prompt(terms), str(sum(terms)), {"terms": list(terms)})
 
 
 def _check_trace(terms: list[int], trace: str) -> list[int]:
@@ -54,20 +61,57 @@ def test_styles_follow_their_orders() -> None:
 
 def test_random_style_covers_all_orders() -> None:
     rng = np.random.default_rng(0)
-    keys = {ArithmeticTask().path_key(make_trace([1, 2, 3, 4], "random", rng)) for _ in range(2000)}
+    problem = _problem([1, 2, 3, 4])
+    keys = {ArithmeticTask().path_key(make_trace([1, 2, 3, 4], "random", rng), problem) for _ in range(2000)}
     assert len(keys) == 24
 
 
 def test_path_key_distinguishes_orders_and_identifies_equal_ones() -> None:
     task = ArithmeticTask()
     terms = [7, 3, 5, 2]
-    keys = {task.path_key(trace_for_order(terms, list(o))) for o in itertools.permutations(range(4))}
+    keys = {task.path_key(trace_for_order(terms, list(o)), _problem(terms)) for o in itertools.permutations(range(4))}
     assert len(keys) == 24
-    assert task.path_key("7+3=10,10+5=15,15+2=17;17") == "7,3,5,2"
+    assert task.path_key("7+3=10,10+5=15,15+2=17;17", _problem(terms)) == "7,3,5,2"
+    assert task.reference_path(_problem(terms)) == "7,3,5,2"
     # swapping two equal terms is the same path
-    assert task.path_key(trace_for_order([3, 3, 5, 2], [0, 1, 2, 3])) == task.path_key(
-        trace_for_order([3, 3, 5, 2], [1, 0, 2, 3])
+    twins = _problem([3, 3, 5, 2])
+    assert task.path_key(trace_for_order([3, 3, 5, 2], [0, 1, 2, 3]), twins) == task.path_key(
+        trace_for_order([3, 3, 5, 2], [1, 0, 2, 3]), twins
     )
+
+
+def test_path_key_needs_a_faithful_solution_of_this_problem() -> None:
+    task = ArithmeticTask()
+    problem = _problem([7, 3, 5, 2])
+    lucky = "7+4=11,11+4=15,15+2=17;17"  # a right chain and the right total, but two terms miscopied
+    assert task.grade(lucky, problem.answer) and task.path_key(lucky, problem) is None
+    assert task.path_key("7+3=10,10+7=17;17", problem) is None  # skips terms (and repeats one)
+    other = "6+4=10,10+5=15,15+2=17;17"  # a faithful solution of 6+4+5+2, same total
+    assert task.path_key(other, _problem([6, 4, 5, 2])) == "6,4,5,2" and task.path_key(other, problem) is None
+
+
+def test_token_roles_mark_order_choices_and_keep_positions() -> None:
+    task, tok = ArithmeticTask(), build_char_tokenizer()
+    text = "7+3=10,10+5=15,15+2=17;17"
+    ids = [*tok.encode(text, add_special_tokens=False), tok.eos_token_id]
+    roles = task.token_roles(tok, ids)
+    assert [i for i, r in enumerate(roles) if r == "choice"] == [0, 2, 10]  # '7', '3', '5'; '2' is forced
+    assert len(roles) == len(ids) and roles[-1] == "arithmetic"  # EOS is arithmetic
+    # a special token mid-way keeps its slot, so later roles stay aligned with their tokens
+    with_pad = [*ids[:4], tok.pad_token_id, *ids[4:]]
+    assert aligned_text(tok, with_pad)[:6] == "7+3=?1"
+    assert [i for i, r in enumerate(task.token_roles(tok, with_pad)) if r == "choice"] == [0, 2, 11]
+
+
+def test_token_roles_need_a_character_tokenizer() -> None:
+    class WordPieces:
+        all_special_ids = (0,)
+
+        def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+            return ["7+", "3="][: len(ids)]
+
+    with pytest.raises(ValueError, match="one token per character"):
+        ArithmeticTask().token_roles(WordPieces(), [5, 6])
 
 
 @pytest.mark.parametrize(
@@ -84,7 +128,7 @@ def test_path_key_distinguishes_orders_and_identifies_equal_ones() -> None:
     ],
 )
 def test_path_key_is_none_for_malformed_chains(bad: str) -> None:
-    assert ArithmeticTask().path_key(bad) is None
+    assert ArithmeticTask().path_key(bad, _problem([7, 3, 5, 2])) is None
 
 
 def test_grader_checks_the_final_answer() -> None:
@@ -143,7 +187,7 @@ def test_sample_traces_uses_train_only_and_follows_the_mixture() -> None:
         assert _check_trace(terms, completion) == terms  # as written
     assert sample_traces(cfg, cfg.teacher_styles, 50, seed=4) == sample_traces(cfg, cfg.teacher_styles, 50, seed=4)
     mixed = sample_traces(cfg, {"as_written": 0.5, "right_to_left": 0.5}, 2000, seed=5)
-    n_written = sum(ArithmeticTask(cfg).path_key(c) == ",".join(map(str, parse_prompt(p)[:]))
+    n_written = sum(ArithmeticTask(cfg).path_key(c, _problem(parse_prompt(p))) == ",".join(map(str, parse_prompt(p)))
                     for p, c in mixed)
     assert 800 < n_written < 1200
 

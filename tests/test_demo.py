@@ -62,7 +62,8 @@ def test_modes_and_table():
 
 
 def test_variants_parse_and_fail_clearly(capsys):
-    from eopd.demo import cli, parse_variant, run_folder, split_objectives
+    from eopd.commands.demo import main as cli
+    from eopd.demo import parse_variant, run_folder, split_objectives
 
     assert split_objectives("opd, eopd[loss.alpha=0.5,loss.top_k=4],fkl") == [
         "opd", "eopd[loss.alpha=0.5,loss.top_k=4]", "fkl"]
@@ -76,6 +77,13 @@ def test_variants_parse_and_fail_clearly(capsys):
     with pytest.raises(SystemExit):  # before any world is built
         cli(["--objectives", "opd,eopd[alpha", "--output-dir", "/nonexistent/x"])
     assert "expected PRESET or PRESET[key=value" in capsys.readouterr().err
+    # values are checked by the trainer's own config validator, also before any world is built
+    with pytest.raises(SystemExit):
+        cli(["--objectives", "opd,eopd[optim.lr=-1]", "--output-dir", "/nonexistent/x"])
+    assert "objective 'eopd[optim.lr=-1]': optim.lr: must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(["--objectives", "opd", "--set", "rollout.nn=2", "--output-dir", "/nonexistent/x"])
+    assert "unknown key 'rollout.nn'" in capsys.readouterr().err
     from pathlib import Path
 
     from eopd.demo import DemoPlan, RunSpec, _train_command

@@ -1,4 +1,5 @@
-"""pass@k, metrics, entropy, backends, output files, run comparison and an end-to-end ``eopd eval``."""
+"""pass@k, metrics (paths, per-role entropy), backends, output files, run comparison, ``eopd eval`` and its
+bad-input lines."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import itertools
 import json
 import math
 import string
+import sys
+import types
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,20 +18,22 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from eopd import eval_backends
 from eopd.cli import main as eopd_main
+from eopd.comparison import compare_results, paired_bootstrap
 from eopd.eval_backends import (
     BackendUnavailableError,
     Generation,
+    TokenRoles,
     import_vllm,
+    role_entropy,
     topk_entropy,
 )
 from eopd.evaluation import (
     CompletionRecord,
     ProblemRecord,
     benchmark_metrics,
-    compare_results,
     evaluate_problems,
-    paired_bootstrap,
     pass_at_k,
     write_results,
 )
@@ -36,8 +41,10 @@ from eopd.forward import completion_entropy_BT
 from eopd.models import build_tiny_qwen3
 from eopd.prompting import encode_prompts
 from eopd.rollout import sample
+from eopd.tasks.arithmetic import ArithmeticConfig, ArithmeticTask, format_prompt
 from eopd.tasks.base import Problem
-from eopd.tasks.math import find_data_dir
+from eopd.tasks.benchmarks import find_data_dir
+from eopd.tokenizer import build_char_tokenizer
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -142,6 +149,49 @@ def test_benchmark_metrics_by_hand() -> None:
     assert m["truncation_rate"] == pytest.approx(1 / 6)
 
 
+def _pathed(pid: str, ref: str | None, paths: Sequence[str | None], roles: Sequence[dict | None]) -> ProblemRecord:
+    completions = [
+        CompletionRecord(text="t", answer="1", correct=q is not None, num_tokens=4, finished=True, mean_entropy=0.0,
+                         path=q, role_entropy=r)
+        for q, r in zip(paths, roles, strict=True)
+    ]
+    return ProblemRecord(pid, "b", "prompt", "1", completions, reference_path=ref)
+
+
+def test_path_and_role_metrics_by_hand() -> None:
+    c = {"choice": {"sum": 1.5, "tokens": 2}, "arithmetic": {"sum": 0.25, "tokens": 5}}
+    a = {"arithmetic": {"sum": 0.5, "tokens": 3}}
+    problems = [
+        _pathed("p0", "1,2", ["1,2", "2,1", "1,2", None], [c, a, c, None]),  # 3 pathed, 2 distinct, 2 on ref
+        _pathed("p1", "3,4", ["4,3", None, None, None], [a, a, a, a]),  # 1 pathed, 1 distinct, 0 on ref
+    ]
+    m = benchmark_metrics(problems, with_paths=True)
+    assert m["faithful@1"] == pytest.approx((3 / 4 + 1 / 4) / 2)
+    assert m["distinct_correct_paths"] == pytest.approx((2 + 1) / 2)
+    assert m["reference_path_share"] == pytest.approx(2 / 4)  # pooled: 2 of the 4 pathed samples
+    # token-weighted over the 7 samples with role data: choice 2 * 1.5 / 4 tokens; arithmetic (2*0.25 + 5*0.5) / 25
+    assert m["entropy/choice"] == pytest.approx(3.0 / 4)
+    assert m["entropy/arithmetic"] == pytest.approx((2 * 0.25 + 5 * 0.5) / (2 * 5 + 5 * 3))
+    assert m["tokens/choice"] == pytest.approx(4 / 7)
+    assert m["tokens/arithmetic"] == pytest.approx(25 / 7)
+    # re-weighting per-benchmark values by num_problems * faithful@1 recovers the pooled share
+    halves = [benchmark_metrics([p], with_paths=True) for p in problems]
+    weights = [h["num_problems"] * h["faithful@1"] for h in halves]
+    merged = sum(w * h["reference_path_share"] for w, h in zip(weights, halves, strict=True)) / sum(weights)
+    assert merged == pytest.approx(m["reference_path_share"])
+    # a task that names no paths reports none; no reference path, no share
+    assert "distinct_correct_paths" not in benchmark_metrics(problems)
+    assert "reference_path_share" not in benchmark_metrics([_pathed("p", None, ["1"], [None])], with_paths=True)
+
+
+def test_role_entropy_sums_per_role() -> None:
+    got = role_entropy(["choice", "arithmetic", "choice", "arithmetic", "arithmetic"], [1.0, 0.1, 0.5, 0.2, 0.3])
+    assert got == {"choice": {"sum": pytest.approx(1.5), "tokens": 2},
+                   "arithmetic": {"sum": pytest.approx(0.6), "tokens": 3}}
+    with pytest.raises(ValueError, match="one role per token"):
+        role_entropy(["choice"], [1.0, 2.0])
+
+
 def test_metrics_need_equal_sample_counts() -> None:
     with pytest.raises(ValueError, match="same number"):
         benchmark_metrics(
@@ -158,7 +208,7 @@ class ScriptedBackend:
     def __init__(self, problems: Sequence[Problem], correct: Sequence[int]) -> None:
         self.by_prompt = dict(zip((p.prompt for p in problems), zip(problems, correct, strict=True), strict=True))
 
-    def generate(self, prompts: Sequence[str], n: int) -> list[list[Generation]]:
+    def generate(self, prompts: Sequence[str], n: int, token_roles: TokenRoles | None = None) -> list[list[Generation]]:
         out = []
         for prompt in prompts:
             problem, c = self.by_prompt[prompt]
@@ -185,6 +235,88 @@ def test_evaluate_problems_grades_groups_and_summarises() -> None:
     assert result.flat_metrics()["y/pass@4"] == 1.0
     assert result.metrics["avg@4"] == result.summary["mean"]["avg@4"]
     assert result.metrics["x/avg@4"] == result.benchmarks["x"].metrics["avg@4"]
+
+
+class ArithmeticScript:
+    """Returns fixed arithmetic completions per prompt (entropy 1 nat at every token)."""
+
+    name = "scripted"
+    entropy_kind = "exact"
+
+    def __init__(self, completions: dict[str, list[str]], tokenizer) -> None:
+        self.completions, self.tokenizer = completions, tokenizer
+
+    def generate(self, prompts: Sequence[str], n: int, token_roles: TokenRoles | None = None) -> list[list[Generation]]:
+        out = []
+        for prompt in prompts:
+            gens = []
+            for text in self.completions[prompt][:n]:
+                ids = [*self.tokenizer.encode(text, add_special_tokens=False), self.tokenizer.eos_token_id]
+                roles = role_entropy(token_roles(ids), [1.0] * len(ids)) if token_roles else None
+                gens.append(Generation(text, len(ids), True, 1.0, roles))
+            out.append(gens)
+        return out
+
+
+def test_evaluate_problems_names_paths_of_correct_faithful_samples_only() -> None:
+    task, tok = ArithmeticTask(ArithmeticConfig(num_terms=3, test_size=10)), build_char_tokenizer()
+    problems = [Problem(format_prompt(t), format_prompt(t), str(sum(t)), {}) for t in ([7, 3, 5], [2, 2, 4])]
+    script = {
+        "7+3+5=": ["7+3=10,10+5=15;15",  # as written: the reference path
+                   "5+3=8,8+7=15;15",  # another path
+                   "7+4=11,11+4=15;15",  # right answer, miscopied terms: correct, no path
+                   "7+3=10,10+5=15;16"],  # wrong answer
+        "2+2+4=": ["4+2=6,6+2=8;8", "4+2=6,6+2=8;8", "2+2=4,4+4=8;8", "8;8"],
+    }
+    result = evaluate_problems(None, tok, problems, task, n=4, backend=ArithmeticScript(script, tok))
+    first = result.benchmarks["all"].problems[0]
+    assert [c.correct for c in first.completions] == [True, True, True, False]
+    assert [c.path for c in first.completions] == ["7,3,5", "5,3,7", None, None]
+    assert first.reference_path == "7,3,5"
+    m = result.benchmarks["all"].metrics
+    assert m["distinct_correct_paths"] == pytest.approx((2 + 2) / 2)
+    assert m["faithful@1"] == pytest.approx((2 / 4 + 3 / 4) / 2)
+    assert m["reference_path_share"] == pytest.approx(2 / 5)  # "7,3,5" and "2,2,4" among 5 pathed samples
+    # roles: "7+3=10,10+5=15;15" + EOS names 2 terms by choice ('7', '3'); "8;8" names none
+    roles = first.completions[0].role_entropy
+    assert roles == {"choice": {"sum": 2.0, "tokens": 2}, "arithmetic": {"sum": 16.0, "tokens": 16}}
+    n_choice = 2 * 4 + 2 * 3  # the 3-step chains of problem 1 and the 3 chains of problem 2; "8;8" has none
+    n_tokens = sum(c.num_tokens for p in result.benchmarks["all"].problems for c in p.completions)
+    assert m["entropy/choice"] == pytest.approx(1.0) and m["tokens/choice"] == pytest.approx(n_choice / 8)
+    assert m["tokens/arithmetic"] == pytest.approx((n_tokens - n_choice) / 8)
+    # math grading (task=None) names no paths
+    assert "distinct_correct_paths" not in evaluate_problems(
+        None, tok, problems, n=4, backend=ArithmeticScript(script, tok)).benchmarks["all"].metrics
+
+
+def test_hf_backend_role_entropy_agrees_with_its_token_entropy() -> None:
+    tok = build_char_tokenizer()
+    task = ArithmeticTask(ArithmeticConfig(num_terms=3, test_size=10))
+    model = build_tiny_qwen3(vocab_size=len(tok), seed=3, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, bos_token_id=None)
+    result = evaluate_problems(model, tok, task.problems("test")[:3], task, n=2, max_new_tokens=12, top_p=1.0,
+                               use_chat_template=False, generator=torch.Generator().manual_seed(0))
+    for c in (c for p in result.benchmarks["all"].problems for c in p.completions):
+        assert c.role_entropy is not None
+        assert sum(r["tokens"] for r in c.role_entropy.values()) == c.num_tokens
+        assert sum(r["sum"] for r in c.role_entropy.values()) == pytest.approx(c.mean_entropy * c.num_tokens, rel=1e-5)
+        assert set(c.role_entropy) <= {"choice", "arithmetic"}
+
+
+def test_chat_template_kwargs_reach_the_prompt_encoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[dict | None] = []
+    real = eval_backends.encode_prompts
+
+    def spy(tokenizer, texts, *, chat_template, template_kwargs=None):
+        seen.append(template_kwargs)
+        return real(tokenizer, texts, chat_template=chat_template, template_kwargs=template_kwargs)
+
+    monkeypatch.setattr(eval_backends, "encode_prompts", spy)
+    tok = char_tokenizer()
+    model = build_tiny_qwen3(vocab_size=len(tok) + 3, seed=0)
+    evaluate_problems(model, tok, _problems("x", ["1"]), n=1, max_new_tokens=2, use_chat_template=True,
+                      chat_template_kwargs={"enable_thinking": False})
+    assert seen == [{"enable_thinking": False}]
 
 
 # ---------------------------------------------------------------------------------------------- entropy
@@ -237,16 +369,18 @@ def test_topk_entropy_is_exact_for_a_full_distribution_and_a_lower_bound_otherwi
     assert topk_entropy([0.0]) == pytest.approx(0.0)
 
 
-def test_vllm_backend_missing_says_how_to_install() -> None:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        with pytest.raises(BackendUnavailableError, match=r"pip install 'eopd\[vllm\]'"):
-            import_vllm()
-    else:
-        if not torch.cuda.is_available():
-            with pytest.raises(BackendUnavailableError, match="CUDA GPU"):
-                import_vllm()
+def test_vllm_backend_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each case is simulated, so every branch is checked on every machine, vLLM installed or not."""
+    monkeypatch.setitem(sys.modules, "vllm", None)  # an import of vllm now raises ImportError
+    with pytest.raises(BackendUnavailableError, match=r"pip install 'eopd\[vllm\]'"):
+        import_vllm()
+    fake = types.ModuleType("vllm")
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BackendUnavailableError, match="needs a CUDA GPU"):
+        import_vllm()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert import_vllm() is fake
 
 
 # ---------------------------------------------------------------------------------------------- comparison
@@ -331,9 +465,12 @@ def test_eopd_eval_end_to_end(tiny_checkpoint: Path, tmp_path: Path, capsys: pyt
         for p in body["problems"]:
             assert p["gold"] and p["prompt"].endswith("within \\boxed{}.")
             assert len(p["completions"]) == 2
+            assert p["reference_path"] is None
             for c in p["completions"]:
-                assert set(c) == {"text", "answer", "correct", "num_tokens", "finished", "mean_entropy"}
+                assert set(c) == {"text", "answer", "correct", "num_tokens", "finished", "mean_entropy", "path",
+                                  "role_entropy"}
                 assert 1 <= c["num_tokens"] <= 8 and c["mean_entropy"] > 0
+                assert c["path"] is None and c["role_entropy"] is None  # math names no paths and no roles
             assert p["num_correct"] == sum(c["correct"] for c in p["completions"])
     assert set(doc["summary"]["mean"]) >= {"avg@2", "pass@2"}
     table = (out / "results.md").read_text()
@@ -357,6 +494,34 @@ def test_eopd_eval_bad_benchmark_file_exits_with_the_row(
     bad.write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": "2+2?"}\n')
     assert eopd_main(["eval", "--model", str(tiny_checkpoint), "--benchmarks", str(bad), "--device", "cpu"]) == 2
     assert "row 2: missing field 'answer'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "flag", "says"),
+    [
+        (["--top-p", "0"], "--top-p", "(0, 1]"),
+        (["--top-p", "1.5"], "--top-p", "(0, 1]"),
+        (["--top-p", "-0.2"], "--top-p", "(0, 1]"),
+        (["--temperature", "0"], "--temperature", "> 0"),
+        (["--temperature", "-1"], "--temperature", "> 0"),
+    ],
+)
+def test_eopd_eval_rejects_sampling_settings_in_one_line(
+    tiny_checkpoint: Path, capsys: pytest.CaptureFixture, args: list[str], flag: str, says: str
+) -> None:
+    assert eopd_main(["eval", "--model", str(tiny_checkpoint), "--benchmarks", "nothing.jsonl", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and flag in err and says in err, err
+    assert "Traceback" not in err
+
+
+def test_eopd_eval_names_a_missing_model_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    missing = tmp_path / "no" / "such-model"
+    assert eopd_main(["eval", "--model", str(missing), "--benchmarks", "nothing.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--model folder {str(missing)!r} does not exist" in err, err
+    assert eopd_main(["eval", "--model", "./relative-missing", "--benchmarks", "nothing.jsonl"]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_write_results_round_trips(tmp_path: Path) -> None:

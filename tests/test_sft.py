@@ -1,26 +1,23 @@
-"""The supervised trainer: prompt masking, the loss, the schedule, determinism, a real tiny run, the CLI."""
+"""The supervised trainer: prompt masking, the loss, the shared schedule, determinism, a real tiny run, the CLI."""
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from tokenizers import processors
 
+import eopd.optim
+import eopd.sft
+from eopd.commands.sft import main
+from eopd.config import ConfigError
 from eopd.models import build_tiny_qwen3, load_causal_lm, load_tokenizer
-from eopd.sft import (
-    IGNORE_INDEX,
-    SFTConfig,
-    cli,
-    collate,
-    completion_loss,
-    encode_example,
-    lr_factor,
-    train_sft,
-)
+from eopd.optim import lr_curve
+from eopd.prompting import encode_prompts
+from eopd.sft import IGNORE_INDEX, SFTConfig, collate, completion_loss, encode_example, train_sft
 from eopd.tasks.arithmetic import ArithmeticConfig, sample_traces
 from eopd.tokenizer import build_char_tokenizer
 
@@ -37,6 +34,19 @@ def test_encode_example_masks_the_prompt_and_learns_eos() -> None:
     assert labels[:6] == [IGNORE_INDEX] * 6
     assert labels[6:] == ids[6:]
     assert ids[-1] == tok.eos_token_id
+
+
+def test_prompt_ids_are_the_ones_training_and_eval_use_even_with_a_bos() -> None:
+    tok = build_char_tokenizer()
+    bos = tok.convert_tokens_to_ids("<unk>")  # stands in for a BOS that this tokenizer adds to every text
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<unk> $A", special_tokens=[("<unk>", bos)])
+    ids, labels = encode_example(tok, "1+2=", "1+2=3;3")
+    prompt_ids = encode_prompts(tok, ["1+2="], chat_template=False)[0]
+    assert prompt_ids[0] == bos
+    assert ids[: len(prompt_ids)] == prompt_ids
+    completion_ids = [*tok.encode("1+2=3;3", add_special_tokens=False), tok.eos_token_id]
+    assert ids[len(prompt_ids):] == completion_ids  # no BOS inside the sequence
+    assert labels == [IGNORE_INDEX] * len(prompt_ids) + completion_ids
 
 
 def test_collate_keeps_eos_labels_when_pad_equals_eos() -> None:
@@ -65,19 +75,30 @@ def test_completion_loss_is_cross_entropy_on_completion_tokens_only() -> None:
                 terms.append(F.cross_entropy(logits_BLV[b, t - 1][None], torch.tensor([labels[t]])))
     assert len(terms) == 13 + 1 + 9 + 1
     torch.testing.assert_close(loss, torch.stack(terms).mean())
-    # changing the prompt tokens' labels cannot change the loss: they are ignored
-    with pytest.raises(ValueError, match="no completion tokens"):
-        completion_loss(model, ids_BL, mask_BL, torch.full_like(labels_BL, IGNORE_INDEX))
+    # the ids at padding positions cannot change the loss: their labels are ignored, so what a pad id
+    # would "predict" or be predicted as never counts
+    other_pad_BL = torch.where(mask_BL.bool(), ids_BL, torch.full_like(ids_BL, 7))
+    assert not torch.equal(other_pad_BL, ids_BL)
+    torch.testing.assert_close(completion_loss(model, other_pad_BL, mask_BL, labels_BL), loss)
 
 
-def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:
-    cfg = SFTConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
-    assert lr_factor(0, cfg) == pytest.approx(0.1)
-    assert lr_factor(9, cfg) == pytest.approx(1.0)
-    assert lr_factor(10, cfg) == pytest.approx(1.0)
-    assert lr_factor(99, cfg) == pytest.approx(0.1)
-    factors = [lr_factor(s, cfg) for s in range(10, 100)]
-    assert all(a >= b for a, b in itertools.pairwise(factors))
+def test_learning_rates_and_betas_come_from_eopd_optim(monkeypatch) -> None:
+    tok = build_char_tokenizer()
+    cfg = SFTConfig(steps=12, batch_size=2, lr=2e-3, warmup_steps=3, min_lr_ratio=0.1, beta1=0.8, beta2=0.95,
+                    log_every=1)
+    optimizers: list[torch.optim.Optimizer] = []
+
+    def recording_build_optimizer(*args, **kwargs):
+        optimizers.append(eopd.optim.build_optimizer(*args, **kwargs))
+        return optimizers[-1]
+
+    monkeypatch.setattr(eopd.sft, "build_optimizer", recording_build_optimizer)
+    lrs: list[float] = []
+    train_sft(_tiny_model(len(tok)), tok, [("1+2=", "1+2=3;3"), ("2+2=", "2+2=4;4")], cfg,
+              on_step=lambda s, loss, lr: lrs.append(lr))
+    expected = [cfg.lr * f for f in lr_curve(cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)]
+    assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert optimizers[0].param_groups[0]["betas"] == (0.8, 0.95)
 
 
 @pytest.mark.parametrize(
@@ -86,6 +107,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:
         ({"steps": 0}, "steps"),
         ({"batch_size": 0}, "batch_size"),
         ({"lr": 0.0}, "lr"),
+        ({"beta2": 1.0}, "beta1/beta2"),
         ({"steps": 10, "warmup_steps": 10}, "warmup_steps"),
         ({"min_lr_ratio": 1.5}, "min_lr_ratio"),
         ({"grad_clip": -1.0}, "grad_clip"),
@@ -93,7 +115,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:
     ],
 )
 def test_config_validation(kwargs: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=f"^{match}: "):
         SFTConfig(**kwargs)
 
 
@@ -127,62 +149,63 @@ def test_thread_setting_is_restored() -> None:
     assert torch.get_num_threads() == before
 
 
-def test_cli_trains_any_jsonl_into_a_loadable_folder(tmp_path: Path) -> None:
+_SMALL = ["--steps", "5", "--batch-size", "4", "--hidden-size", "32", "--layers", "1", "--heads", "2",
+          "--kv-heads", "1", "--intermediate-size", "64", "--threads", "1"]
+
+
+def _traces(tmp_path: Path) -> Path:
     data = tmp_path / "traces.jsonl"
     rows = [{"prompt": f"{a}*{b}=", "completion": str(a * b)} for a in range(1, 6) for b in range(1, 6)]
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return data
+
+
+def test_cli_trains_any_jsonl_into_a_loadable_folder(tmp_path: Path) -> None:
     out = tmp_path / "model"
-    code = cli(["--data", str(data), "--output-dir", str(out), "--steps", "5", "--batch-size", "4",
-                "--hidden-size", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1",
-                "--intermediate-size", "64", "--threads", "1"])
-    assert code == 0
+    assert main(["--data", str(_traces(tmp_path)), "--output-dir", str(out), *_SMALL]) == 0
     model = load_causal_lm(out)
     tok = load_tokenizer(out)
     assert tok.decode(tok.encode("3*4=12", add_special_tokens=False)) == "3*4=12"
     assert model.get_output_embeddings().weight.shape[0] == len(tok)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
 
 
-def test_cli_reports_a_bad_jsonl_line(tmp_path: Path) -> None:
+def _fails_in_one_line(capsys, code: int, *needles: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("eopd sft: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "bad_line",
+    ['{"prompt": "2="}', '{"prompt": "2=", "completion": 4}', '["2=", "4"]', '{"prompt": "2=", "completion": "4"'],
+)
+def test_cli_names_a_malformed_jsonl_line(tmp_path: Path, capsys, bad_line: str) -> None:
     data = tmp_path / "bad.jsonl"
-    data.write_text('{"prompt": "1=", "completion": "1"}\n{"prompt": "2="}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
-        cli(["--data", str(data), "--output-dir", str(tmp_path / "m")])
+    data.write_text('{"prompt": "1=", "completion": "1"}\n\n' + bad_line + "\n")
+    code = main(["--data", str(data), "--output-dir", str(tmp_path / "m")])
+    _fails_in_one_line(capsys, code, "bad.jsonl: line 3")
+    assert not (tmp_path / "m").exists()
 
 
-def _tiny_world_yaml(tmp_path: Path) -> Path:
-    path = tmp_path / "world.yaml"
-    path.write_text(
-        "world:\n"
-        "  task: {num_terms: 3, test_size: 20}\n"
-        "  teacher: {hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1, intermediate_size: 64,\n"
-        "            sft: {steps: 4, batch_size: 4, warmup_steps: 1}}\n"
-        "  student: {hidden_size: 16, num_layers: 1, num_heads: 2, num_kv_heads: 1, intermediate_size: 32,\n"
-        "            sft: {steps: 3, batch_size: 4, warmup_steps: 1}}\n"
-    )
-    return path
+def test_cli_reports_a_missing_data_file(tmp_path: Path, capsys) -> None:
+    code = main(["--data", str(tmp_path / "missing.jsonl"), "--output-dir", str(tmp_path / "m")])
+    _fails_in_one_line(capsys, code, "missing.jsonl", "not found")
 
 
-def test_cli_role_trains_a_loadable_model_and_measures_it(tmp_path: Path, capsys) -> None:
-    out = tmp_path / "student"
-    code = cli(["--role", "student", "--world-config", str(_tiny_world_yaml(tmp_path)), "--output-dir", str(out),
-                "--steps", "3", "--threads", "1", "--eval-problems", "3"])
-    assert code == 0
-    info = json.loads((out / "eopd_world.json").read_text())
-    assert info["role"] == "student" and info["world"]["task"]["num_terms"] == 3
-    assert info["world"]["student"]["hidden_size"] == 16
-    assert load_causal_lm(out).config.hidden_size == 16
-    printed = capsys.readouterr().out
-    assert '"pass@1"' in printed and '"n_problems": 3' in printed
+def test_cli_never_overwrites_an_existing_output_dir(tmp_path: Path, capsys, monkeypatch) -> None:
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
 
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained although the output folder exists")
 
-def test_cli_role_world_fills_the_cache_and_rejects_shared_budgets(tmp_path: Path, capsys) -> None:
-    world_yaml = _tiny_world_yaml(tmp_path)
-    cache = tmp_path / "cache"
-    assert cli(["--role", "world", "--world-config", str(world_yaml), "--cache-dir", str(cache),
-                "--threads", "1", "--eval-problems", "0"]) == 0
-    paths = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert Path(paths["teacher"]).parent.parent == cache
-    assert (Path(paths["student"]) / "model.safetensors").exists()
-    with pytest.raises(SystemExit):
-        cli(["--role", "world", "--steps", "10", "--cache-dir", str(cache)])
-    assert "not --steps" in capsys.readouterr().err
+    monkeypatch.setattr("eopd.commands.sft.train_sft", no_training)
+    code = main(["--data", str(_traces(tmp_path)), "--output-dir", str(out), *_SMALL])
+    _fails_in_one_line(capsys, code, str(out), "exists already")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -16,14 +16,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eopd.checkpoint import latest_checkpoint, list_checkpoints
+from eopd.components import build_components
 from eopd.config import ConfigError, load_config
+from eopd.forward import completion_logits
 from eopd.losses import forward_kl, reverse_kl
 from eopd.models import ModelLoadError, aligned_vocab_size, build_tiny_checkpoint, load_causal_lm
 from eopd.prompting import encode_prompts
 from eopd.rollout import sample
-from eopd.teacher import completion_logits
 from eopd.tracking import read_metrics
-from eopd.trainer import Distiller, train
+from eopd.trainer import run, train
 
 from .conftest import REPO
 
@@ -58,10 +59,10 @@ def test_student_kl_to_teacher_falls(tiny_models, tmp_path, objective):
     cfg = tiny_cfg(tiny_models, tmp_path, f"objective={objective}", "max_steps=30", "rollout.prompts_per_step=4",
                    "rollout.max_new_tokens=16", "optim.minibatch_size=8", "optim.micro_batch_size=8",
                    "optim.lr=3e-3", "save_every=0")
-    d = Distiller(cfg)
+    d = build_components(cfg)
     prompts = encode_prompts(d.tokenizer, [p.prompt for p in d.task.problems("test")[:16]], chat_template=False)
     before = exact_kls(d.student, d.teacher_model, d.tokenizer, prompts, d.vocab_size)
-    history = d.run()
+    history = run(d)
     after = exact_kls(d.student, d.teacher_model, d.tokenizer, prompts, d.vocab_size)
     assert len(history) == 30
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
@@ -80,11 +81,11 @@ def test_exact_baselines_fused_from_teacher_hidden_match_plain(tiny_models, tmp_
         cfg = tiny_cfg(tiny_models, tmp_path / impl, f"objective={objective}", f"loss_impl={impl}", "max_steps=2",
                        "rollout.prompts_per_step=4", "rollout.max_new_tokens=12", "optim.minibatch_size=8",
                        "optim.micro_batch_size=4", "save_every=0")
-        d = Distiller(cfg)
+        d = build_components(cfg)
         if impl == "fused":
             score = d.teacher.score
             d.teacher.score = lambda *a, score=score, **k: calls.append(k) or score(*a, **k)  # type: ignore[method-assign]
-        steps[impl] = d.run()
+        steps[impl] = run(d)
         if impl == "fused":
             assert calls and all(c["want_hidden"] and not c["want_logits"] for c in calls)
     for f, p in zip(steps["fused"], steps["plain"], strict=True):
@@ -211,7 +212,7 @@ def test_config_errors_name_the_key(overrides, message):
 
 def test_top_k_larger_than_vocab_is_a_config_error(tiny_models, tmp_path):
     with pytest.raises(ConfigError, match=r"loss.top_k: 64 exceeds the vocabulary \(17 tokens\)"):
-        Distiller(tiny_cfg(tiny_models, tmp_path, "loss.top_k=64"))
+        build_components(tiny_cfg(tiny_models, tmp_path, "loss.top_k=64"))
 
 
 def test_cli_reports_config_error_in_one_line(tmp_path):

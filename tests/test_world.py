@@ -10,9 +10,14 @@ import torch
 from transformers import AutoTokenizer
 
 from eopd import world
+from eopd.commands.world import main as world_cli
+from eopd.config import ConfigError
+from eopd.evaluation import pass_at_k
+from eopd.folders import FolderExistsError
 from eopd.models import load_causal_lm, load_tokenizer
 from eopd.sft import SFTConfig
 from eopd.tasks.arithmetic import ArithmeticConfig, ArithmeticTask
+from eopd.tokenizer import build_char_tokenizer
 from eopd.world import (
     ModelSpec,
     WorldConfig,
@@ -20,7 +25,6 @@ from eopd.world import (
     config_hash,
     default_cache_dir,
     measure,
-    pass_at_k,
     world_config_from_dict,
 )
 
@@ -70,7 +74,8 @@ def test_build_writes_hf_folders_under_the_config_hash(built_world) -> None:
         assert {"config.json", "model.safetensors", "tokenizer.json", "eopd_world.json"} <= {
             p.name for p in folder.iterdir()}
         info = json.loads((folder / "eopd_world.json").read_text())
-        assert info["hash"] == cfg.key() and "eopd sft --role" in info["reproduce"]
+        assert info["hash"] == cfg.key() and "eopd world --role" in info["reproduce"]
+        assert world_config_from_dict(info["world"]) == cfg  # the file reproduces the model's config
     assert AutoTokenizer.from_pretrained(tokenizer).encode("1+2=", add_special_tokens=False) == [4, 13, 5, 14]
     assert any("training the teacher" in line for line in logs)
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temp folder left behind
@@ -104,8 +109,13 @@ def test_tiny_teacher_is_accurate_and_multi_path(built_world) -> None:
     tok = load_tokenizer(tok_path)
     stats = measure(load_causal_lm(teacher_path), tok, task, n_problems=100, n_samples=4,
                     generator=torch.Generator().manual_seed(0))
+    assert set(stats) == {"pass@1", "pass@4", "faithful@1", "distinct_correct_paths", "reference_path_share",
+                          "entropy_choice", "entropy_arithmetic", "n_problems", "n_samples"}
     assert stats["pass@1"] >= TINY_TEACHER_PASS1, stats
+    assert stats["faithful@1"] <= stats["pass@1"], stats  # a path needs a correct answer
     assert stats["distinct_correct_paths"] > 1.5, stats  # several orders, not one
+    # the teacher's traces are 40% as written (plus orders that coincide with it): about half, never all
+    assert 0.25 < stats["reference_path_share"] < 0.75, stats
     assert stats["entropy_choice"] > 5 * stats["entropy_arithmetic"], stats
     base = measure(load_causal_lm(student_path), tok, task, n_problems=50, n_samples=4,
                    generator=torch.Generator().manual_seed(0))
@@ -142,12 +152,32 @@ def test_world_config_from_dict_overrides_only_named_keys() -> None:
     assert cfg.teacher.hidden_size == default.teacher.hidden_size
     assert cfg.student == default.student
     assert world_config_from_dict(None) == default
-    with pytest.raises(ValueError, match=r"world.teacher has unknown key\(s\) \['hidden'\]"):
-        world_config_from_dict({"teacher": {"hidden": 3}})
-    with pytest.raises(ValueError, match=r"world.student.sft has unknown"):
-        world_config_from_dict({"student": {"sft": {"epochs": 3}}})
-    with pytest.raises(ValueError, match="divisible"):
-        world_config_from_dict({"teacher": {"hidden_size": 90}})
+    assert cfg.teacher.sft.beta2 == 0.98  # the world's own AdamW choice survives a partial sft section
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"teacher": {"hidden": 3}}, "unknown key 'world.teacher.hidden'; allowed under world.teacher: hidden_size"),
+        ({"student": {"sft": {"epochs": 3}}}, "unknown key 'world.student.sft.epochs'"),
+        ({"teacher": {"sft": {"steps": "many"}}}, "world.teacher.sft.steps: must be an integer, got 'many'"),
+        ({"teacher": {"sft": {"steps": 0}}}, "world.teacher.sft.steps: must be >= 1, got 0"),
+        ({"teacher": {"hidden_size": 90}}, "world.teacher.hidden_size: must be divisible by num_heads (4)"),
+        ({"student": 5}, "world.student: must be a mapping of ModelSpec fields"),
+        ({"task": {"num_terms": 1}}, "world.task: num_terms must be >= 2"),
+        ({"max_position_embeddings": 16}, "world.max_position_embeddings: must hold the longest"),
+    ],
+)
+def test_world_config_errors_are_one_config_error_line_naming_the_key(section: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        world_config_from_dict(section)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value), str(info.value)
+
+
+def test_a_given_order_mixture_replaces_the_default_one() -> None:
+    cfg = world_config_from_dict({"task": {"teacher_styles": {"random": 1.0}}})
+    assert cfg.task.teacher_styles == {"random": 1.0}
+    assert cfg.task.student_styles == WorldConfig().task.student_styles
 
 
 def test_max_positions_must_fit_the_longest_sequence() -> None:
@@ -170,9 +200,108 @@ def test_pass_at_k_matches_the_definition() -> None:
 
 
 def test_default_sizes_match_the_documented_parameter_counts() -> None:
-    from eopd.tokenizer import build_char_tokenizer
-
     cfg, tok = WorldConfig(), build_char_tokenizer()
     n_teacher = sum(p.numel() for p in world.new_model(cfg, "teacher", tok).parameters())
     n_student = sum(p.numel() for p in world.new_model(cfg, "student", tok).parameters())
     assert (n_teacher, n_student) == (334_224, 99_776)
+
+
+def test_an_interrupted_build_leaves_nothing_in_the_cache(tmp_path: Path, monkeypatch) -> None:
+    cfg = _tiny_world()
+    trained: list[str] = []
+
+    def teacher_then_ctrl_c(cfg: WorldConfig, role: str, on_step=None):
+        if trained:
+            raise KeyboardInterrupt
+        trained.append(role)
+        tok = build_char_tokenizer()
+        return world.new_model(cfg, role, tok), tok
+
+    monkeypatch.setattr(world, "train_role", teacher_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        build_world(cfg, tmp_path)
+    assert trained == ["teacher"]  # the teacher was written (into the temporary folder) before the interrupt
+    assert list(tmp_path.iterdir()) == []  # no temporary folder, no partial world
+
+
+def test_an_incomplete_world_folder_is_reported_not_trusted_or_overwritten(tmp_path: Path, monkeypatch) -> None:
+    cfg = _tiny_world()
+    folder = world.world_paths(cfg, tmp_path)[0].parent
+    (folder / "teacher").mkdir(parents=True)
+    monkeypatch.setattr(world, "train_role", lambda *a, **k: pytest.fail("trained over an incomplete world"))
+    with pytest.raises(FolderExistsError, match="not a complete world"):
+        build_world(cfg, tmp_path)
+    assert [p.name for p in folder.iterdir()] == ["teacher"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# eopd world
+
+
+def _tiny_world_yaml(tmp_path: Path) -> Path:
+    path = tmp_path / "world.yaml"
+    path.write_text(
+        "world:\n"
+        "  task: {num_terms: 3, test_size: 20}\n"
+        "  teacher: {hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1, intermediate_size: 64,\n"
+        "            sft: {steps: 4, batch_size: 4, warmup_steps: 1}}\n"
+        "  student: {hidden_size: 16, num_layers: 1, num_heads: 2, num_kv_heads: 1, intermediate_size: 32,\n"
+        "            sft: {steps: 3, batch_size: 4, warmup_steps: 1}}\n"
+    )
+    return path
+
+
+def test_cli_role_trains_a_loadable_model_and_measures_it(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "student"
+    code = world_cli(["--role", "student", "--config", str(_tiny_world_yaml(tmp_path)), "--output-dir", str(out),
+                      "--steps", "3", "--threads", "1", "--eval-problems", "3"])
+    assert code == 0
+    info = json.loads((out / "eopd_world.json").read_text())
+    assert info["role"] == "student" and info["world"]["task"]["num_terms"] == 3
+    assert info["world"]["student"]["hidden_size"] == 16
+    assert load_causal_lm(out).config.hidden_size == 16
+    printed = capsys.readouterr().out
+    assert '"pass@1"' in printed and '"n_problems": 3' in printed
+
+
+def test_cli_builds_both_into_the_cache_and_rejects_shared_budgets(tmp_path: Path, capsys) -> None:
+    cache = tmp_path / "cache"
+    assert world_cli(["--config", str(_tiny_world_yaml(tmp_path)), "--cache-dir", str(cache), "--threads", "1",
+                      "--eval-problems", "0"]) == 0
+    paths = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert Path(paths["teacher"]).parent.parent == cache
+    assert (Path(paths["student"]) / "model.safetensors").exists()
+    with pytest.raises(SystemExit):
+        world_cli(["--steps", "10", "--cache-dir", str(cache)])
+    assert "not --steps" in capsys.readouterr().err
+
+
+def _fails_in_one_line(capsys, code: int, *needles: str) -> None:
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("eopd world: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_cli_never_overwrites_an_existing_output_dir(tmp_path: Path, capsys, monkeypatch) -> None:
+    out = tmp_path / "teacher"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    monkeypatch.setattr(world, "train_role", lambda *a, **k: pytest.fail("trained although the folder exists"))
+    code = world_cli(["--role", "teacher", "--output-dir", str(out), "--eval-problems", "0"])
+    _fails_in_one_line(capsys, code, str(out), "exists already")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [(None, "not found"), ("world: [1, 2", "not valid YAML"),
+     ("world: {teacher: {hidden: 3}}", "world.teacher.hidden")],
+)
+def test_cli_reports_a_bad_config_in_one_line(tmp_path: Path, capsys, content: str | None, needle: str) -> None:
+    path = tmp_path / "w.yaml"
+    if content is not None:
+        path.write_text(content)
+    _fails_in_one_line(capsys, world_cli(["--config", str(path), "--cache-dir", str(tmp_path / "c")]), needle)
+    assert not (tmp_path / "c").exists()

@@ -19,12 +19,13 @@ from typing import Any
 
 import torch
 
+from eopd.errors import UserError
 from eopd.folders import atomic_folder, save_model_folder
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing or unreadable; the message says which and what to do."""
 
 
@@ -93,3 +94,59 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     except Exception as err:  # any unpickling failure means the same thing to the user
         raise CheckpointError(f"could not read {str(path)!r} ({err}); delete that checkpoint folder to resume "
                               "from the one before it") from err
+
+
+def capture_state(
+    *,
+    loop: dict[str, int],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    generators: dict[str, torch.Generator],
+    adaptive: Any,
+    rank: int,
+    world: int,
+    config: dict[str, Any],
+) -> dict[str, Any]:
+    """Everything resume needs beside the model weights (``trainer.pt``). All processes must call: each
+    process's generator states are gathered so every rank resumes its own stream."""
+    from accelerate.utils import gather_object
+
+    per_rank = gather_object([{"rank": rank, "gens": {k: g.get_state() for k, g in generators.items()}}])
+    return {
+        "loop": dict(loop),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "generators": {d["rank"]: d["gens"] for d in per_rank},
+        "torch_rng": torch.get_rng_state(),
+        "adaptive_tau": None if adaptive is None else adaptive.state_dict(),
+        "world_size": world,
+        "config": config,
+    }
+
+
+def restore_state(
+    state: dict[str, Any],
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    generators: dict[str, torch.Generator],
+    adaptive: Any,
+    rank: int,
+    world: int,
+) -> dict[str, int]:
+    """Load what ``capture_state`` saved into the live objects; returns the loop counters.
+
+    Raises:
+        CheckpointError: the checkpoint was written by another number of processes.
+    """
+    if state.get("world_size", 1) != world:
+        raise CheckpointError(f"the checkpoint was written by {state['world_size']} processes; resume with the "
+                              f"same number (now {world})")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    for k, g in generators.items():
+        g.set_state(state["generators"][rank][k])
+    torch.set_rng_state(state["torch_rng"])
+    if adaptive is not None and state["adaptive_tau"] is not None:
+        adaptive.load_state_dict(state["adaptive_tau"])
+    return dict(state["loop"])

@@ -12,10 +12,11 @@ import sys
 from eopd import __version__
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("eopd.trainer:cli", "on-policy distillation of a student from a teacher (YAML config + overrides)"),
-    "demo": ("eopd.demo:cli", "the embedded default: train a multi-path arithmetic world and compare objectives"),
-    "eval": ("eopd.evaluation:cli", "Avg@k / pass@k on math benchmarks for a checkpoint; --compare two runs"),
-    "sft": ("eopd.sft:cli", "supervised training of a small model on a task's traces (builds the demo models)"),
+    "train": ("eopd.commands.train:main", "distil a student from a teacher on-policy (YAML config + overrides)"),
+    "demo": ("eopd.commands.demo:main", "the embedded default: build an arithmetic world, compare objectives"),
+    "eval": ("eopd.commands.eval:main", "Avg@k / pass@k on math benchmarks for a checkpoint; --compare two runs"),
+    "sft": ("eopd.commands.sft:main", "train a small model from scratch on (prompt, completion) traces"),
+    "world": ("eopd.commands.world:main", "build the demo's arithmetic world (teacher + base student) and measure it"),
 }
 
 

@@ -18,10 +18,11 @@ from typing import Any
 
 import yaml
 
+from eopd.errors import UserError
 from eopd.losses.objectives import ObjectiveConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value is wrong; the message names the key and what is allowed."""
 
 
@@ -88,22 +89,53 @@ def _looks_local(path: str) -> bool:
 
 @dataclass
 class DataConfig:
-    """Where the prompts come from."""
+    """Where the prompts come from: the training prompts (``path``) and a held-out eval split, never the same.
+
+    ``eopd.tasks.build_task`` turns this section into a task.
+    """
 
     task: str = field(default="arithmetic", metadata=_help("arithmetic | math | jsonl | hf"))
-    path: str | None = field(default=None, metadata=_help("math: benchmark names/file; jsonl: file; hf: dataset id"))
+    path: str | None = field(default=None, metadata=_help(
+        "TRAINING prompts. math: comma-separated sources: benchmark names (gsm8k, math500, ...), .jsonl/.json files,"
+        " folders, hf:owner/name Hub datasets (e.g. hf:DigitalLearningGmbH/MATH-lighteval); jsonl: a .jsonl/.json "
+        "file; hf: a dataset id. Hub ids take an optional config and split: hf:owner/name:config[split] (split "
+        "default train)"))
+    eval_path: str | None = field(default=None, metadata=_help(
+        "EVAL prompts, same forms as path (Hub split default test). math default: the paper's six benchmarks "
+        "math500,aime24,aime25,amc23,minerva,olympiadbench; jsonl/hf: a second file or dataset"))
+    eval_fraction: float | None = field(default=None, metadata=_help(
+        "instead of eval_path: hold out this share (0 < f < 1) of path's distinct prompts as the eval split, "
+        "never trained on"))
+    split_seed: int = field(default=0, metadata=_help("seed of the eval_fraction hold-out (same seed, same split)"))
     prompt_field: str = field(default="prompt", metadata=_help("jsonl/hf: field holding the prompt text"))
     answer_field: str | None = field(default=None, metadata=_help("jsonl/hf: optional gold answer field"))
-    split: str = field(default="train", metadata=_help("which split of the task to train on"))
+    split: str = field(default="train", metadata=_help("which split of the task to train on (train | test)"))
     limit: int | None = field(default=None, metadata=_help("use only the first N prompts"))
     chat_template: bool = field(default=False, metadata=_help("wrap prompts in the tokenizer's chat template"))
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict, metadata=_help(
+        "extra keyword arguments of the chat template, e.g. {enable_thinking: false} for Qwen3's non-thinking mode"))
     arithmetic: dict[str, Any] = field(default_factory=dict, metadata=_help("ArithmeticConfig fields"))
 
     def __post_init__(self) -> None:
         require(self.task in ("arithmetic", "math", "jsonl", "hf"), "data.task",
                  f"must be arithmetic, math, jsonl or hf, got {self.task!r}")
-        require(self.task == "arithmetic" or bool(self.path), "data.path", f"is required for task {self.task!r}")
+        require(self.task == "arithmetic" or bool(self.path and self.path.strip()), "data.path",
+                 f"is required for task {self.task!r} (the training prompts)")
+        require(self.eval_path is None or bool(self.eval_path.strip()), "data.eval_path",
+                 "is empty; name the eval prompts or leave it unset")
+        require(self.eval_fraction is None or 0 < self.eval_fraction < 1, "data.eval_fraction",
+                 f"must be in (0, 1), got {self.eval_fraction}")
+        require(self.eval_path is None or self.eval_fraction is None, "data.eval_fraction",
+                 "give data.eval_path (a second source) or data.eval_fraction (a held-out share), not both")
+        require(self.task != "arithmetic" or (self.eval_path is None and self.eval_fraction is None),
+                 "data.eval_path", "task arithmetic holds out its own test split (data.arithmetic.test_size); "
+                 "eval_path and eval_fraction apply to math, jsonl and hf")
+        require(self.split in ("train", "test"), "data.split", f"must be train or test, got {self.split!r}")
         require(self.limit is None or self.limit > 0, "data.limit", f"must be > 0, got {self.limit}")
+        require(all(isinstance(k, str) for k in self.chat_template_kwargs), "data.chat_template_kwargs",
+                 f"keys must be argument names, got {list(self.chat_template_kwargs)}")
+        require(self.chat_template or not self.chat_template_kwargs, "data.chat_template_kwargs",
+                 "only apply with data.chat_template: true; set it or remove the kwargs")
 
 
 @dataclass
@@ -330,6 +362,24 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """The mapping at the top of a YAML (or JSON) file; ``what`` names the file in errors.
+
+    Raises:
+        ConfigError: the file is missing, is not valid YAML, or does not hold a mapping.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {str(path)!r} must hold a mapping at the top level")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """Load a YAML config (or defaults when ``path`` is None) and apply ``key=value`` overrides.
 
@@ -338,17 +388,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     Raises:
         ConfigError: missing file, bad YAML, unknown key, wrong type or impossible value.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(path)!r} not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    data = read_yaml_mapping(path, "config file") if path is not None else {}
     data = deep_merge(data, parse_overrides(overrides or []))
     return from_dict(TrainConfig, data)
 

@@ -14,11 +14,9 @@ Budgets: ``--quick`` is CI's smoke test (checks structure, not numbers), the def
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 import time
@@ -226,7 +224,7 @@ COLUMNS = [
     ("avg@n", "pass@1 (Avg@8)", 3),
     ("pass@8", "pass@8", 3),
     ("distinct_correct_paths", "distinct correct paths /8", 2),
-    ("base_path_share", "share of base path", 3),
+    ("reference_path_share", "share of base path", 3),
     ("mean_entropy", "student entropy (eval)", 3),
     ("train/teacher_entropy", "teacher entropy (train)", 3),
     ("train/gated_share", "gated share (train)", 3),
@@ -277,47 +275,46 @@ def write_report(out: Path, results: list[RunResult], base: dict[str, float] | N
     return path
 
 
-def cli(argv: list[str]) -> int:
-    """``eopd demo [--quick | --full] [--output-dir DIR] [--workers N]``."""
-    p = argparse.ArgumentParser(prog="eopd demo", description=__doc__.split("\n\n")[0])
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="smoke test (~2 min): structure, not numbers")
-    mode.add_argument("--full", action="store_true", help="every objective, 5 seeds")
-    p.add_argument("--config", default=str(DEMO_CONFIG), help="demo config (modes, world, training recipe)")
-    p.add_argument("--output-dir", default="runs/demo", help="where runs, report.md and plots go")
-    p.add_argument("--workers", type=int, default=2, help="runs in parallel (one thread each)")
-    p.add_argument("--objectives", help="comma-separated objectives instead of the mode's; a variant "
-                   "PRESET[key=value,...] adds eopd train overrides, e.g. opd,eopd,eopd[loss.alpha=0.25]")
-    p.add_argument("--seeds", type=int, help="number of seeds instead of the mode's")
-    p.add_argument("--steps", type=int, help="steps per run instead of the mode's")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override the training recipe of every run (eopd train keys, e.g. optim.lr=3e-4)")
-    p.add_argument("--cache-dir", help="world cache (default: $EOPD_CACHE or ~/.cache/eopd/world)")
-    args = p.parse_args(argv)
-    try:
-        for objective in split_objectives(args.objectives or ""):
-            parse_variant(objective)
-    except ValueError as e:
-        p.error(str(e))
-    return run_demo(args, shlex.join(["eopd", "demo", *argv]))
+def check_variants(train: dict, objectives: list[str], overrides: list[str]) -> None:
+    """Validate every run's ``eopd train`` config now, with the trainer's own validator, before any world is
+    built: a bad preset, key or value stops the demo with the trainer's one-line message.
+
+    Raises:
+        ValueError: a variant is malformed or its config is invalid.
+    """
+    from eopd.config import ConfigError, TrainConfig, deep_merge, from_dict, parse_overrides
+
+    for spec in objectives:
+        preset, variant = parse_variant(spec)
+        data = deep_merge(train, parse_overrides([f"objective={preset}", *overrides, *variant]))
+        data["models"] = {"teacher": "demo/teacher", "student": "demo/student"}  # the world's, built later
+        try:
+            from_dict(TrainConfig, data)
+        except ConfigError as err:
+            raise ValueError(f"objective {spec!r}: {err}") from None
 
 
-def run_demo(args: argparse.Namespace, command: str) -> int:
-    """The demo driver (see module docstring)."""
+def plan_from_args(config: dict, mode: str, objectives: str | None, seeds: int | None, steps: int | None,
+                   overrides: list[str]) -> DemoPlan:
+    """The mode's plan with the command line's changes, every run's config validated."""
+    plan = plan_for(mode, config)
+    if objectives:
+        plan.objectives = split_objectives(objectives)
+    if seeds:
+        plan.seeds = list(range(seeds))
+    if steps:
+        plan.max_steps = steps
+        plan.eval_every = max(1, steps // 5)
+    plan.train_overrides += overrides
+    check_variants(config["train"], plan.objectives, plan.train_overrides)
+    return plan
+
+
+def run_demo(config: dict, plan: DemoPlan, out: Path, *, workers: int, cache_dir: str | None, command: str) -> Path:
+    """The demo driver (see module docstring); returns the report's path."""
     from eopd.world import build_world, world_config_from_dict
 
     t0 = time.perf_counter()
-    config = yaml.safe_load(Path(args.config).read_text())
-    plan = plan_for("quick" if args.quick else "full" if args.full else "default", config)
-    if args.objectives:
-        plan.objectives = split_objectives(args.objectives)
-    if args.seeds:
-        plan.seeds = list(range(args.seeds))
-    if args.steps:
-        plan.max_steps = args.steps
-        plan.eval_every = max(1, args.steps // 5)
-    plan.train_overrides += args.set
-    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     world_cfg = world_config_from_dict(plan.world)
     print(f"[demo] world: building or loading teacher and base student (cache key {world_cfg.key()})", flush=True)
@@ -326,7 +323,7 @@ def run_demo(args: argparse.Namespace, command: str) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        teacher, student, _ = build_world(world_cfg, args.cache_dir, log=lambda m: print(f"[demo] {m}", flush=True))
+        teacher, student, _ = build_world(world_cfg, cache_dir, log=lambda m: print(f"[demo] {m}", flush=True))
     finally:
         torch.set_num_threads(threads)
     train_yaml = out / "train.yaml"
@@ -334,8 +331,8 @@ def run_demo(args: argparse.Namespace, command: str) -> int:
 
     specs = [RunSpec(o, s, out / "runs" / run_folder(o) / f"seed{s}") for o in plan.objectives for s in plan.seeds]
     commands = {s.name: _train_command(s, plan, teacher, student, train_yaml) for s in specs}
-    print(f"[demo] {len(specs)} runs x {plan.max_steps} steps, {args.workers} at a time", flush=True)
-    run_all(specs, commands, args.workers, plan.max_steps)
+    print(f"[demo] {len(specs)} runs x {plan.max_steps} steps, {workers} at a time", flush=True)
+    run_all(specs, commands, workers, plan.max_steps)
     results = [collect(s) for s in specs]
     base = _base_metrics(results)
     tau = float(config["train"].get("loss", {}).get("tau", 0.8))
@@ -343,7 +340,7 @@ def run_demo(args: argparse.Namespace, command: str) -> int:
     report = write_report(out, results, base, plan, command, time.perf_counter() - t0, entropies, tau)
     print(f"[demo] report: {report}  (plots: {out / 'curves.png'}, {out / 'teacher_entropy.png'})")
     print(report.read_text().split("\n\n")[3])
-    return 0
+    return report
 
 
 def _base_metrics(results: list[RunResult]) -> dict[str, float] | None:

@@ -1,8 +1,10 @@
 """Generation backends for the evaluation: Hugging Face (our KV-cache sampler) and vLLM (optional).
 
 Both turn prompt texts into ``n`` ``Generation`` records per prompt (text, length in tokens, whether it
-ended with EOS, the model's mean token entropy on it), so the grading and metrics never know which
-backend ran. Prompts are formatted and tokenised identically for both (``eopd.prompting.encode_prompts``).
+ended with EOS, the model's mean token entropy on it and, when the task names token roles, the entropy
+summed per role), so the grading and metrics never know which backend ran. Prompts are formatted and
+tokenised identically for both (``eopd.prompting.encode_prompts``). Per-token values never leave a backend:
+a completion carries only its per-role sums and counts.
 
 Entropy: the HF backend computes the exact entropy of the temperature-scaled full-vocabulary
 distribution at every completion position (an extra no-grad forward over the sampled sequences). vLLM
@@ -14,21 +16,28 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from typing import Any, Protocol
 
 import torch
 
+from eopd.errors import UserError
 from eopd.forward import completion_entropy_BT
 from eopd.prompting import encode_prompts, eos_token_ids
 from eopd.rollout import decode_completions, sample
 
 logger = logging.getLogger(__name__)
 
+TokenRoles = Callable[[Sequence[int]], Sequence[str]]
+"""The role of each token of a completion, ``[T]`` ids -> ``[T]`` role names (e.g. ``"choice"``)."""
 
-class BackendUnavailableError(RuntimeError):
+RoleEntropy = dict[str, dict[str, float]]
+"""Per role: ``{"sum": entropy summed over its tokens (nats), "tokens": how many}``."""
+
+
+class BackendUnavailableError(UserError, RuntimeError):
     """A generation backend cannot run here (missing package or GPU); the message says what to install."""
 
 
@@ -41,12 +50,37 @@ class Generation:
         num_tokens: Tokens generated, the final EOS included when there is one.
         finished: True when it ended with EOS, False when it hit ``max_new_tokens``.
         mean_entropy: Mean over its tokens of the model's next-token entropy (nats), None if unknown.
+        role_entropy: Entropy summed per token role (see ``role_entropy``), None when no roles were asked.
     """
 
     text: str
     num_tokens: int
     finished: bool
     mean_entropy: float | None
+    role_entropy: RoleEntropy | None = None
+
+
+def role_entropy(roles: Sequence[str], entropies: Sequence[float]) -> RoleEntropy:
+    """Entropy summed per token role.
+
+    Args:
+        roles: The role of each completion token, ``[T]``.
+        entropies: The model's entropy (nats) at each of those tokens, ``[T]``.
+
+    Returns:
+        ``{role: {"sum": nats summed over the role's tokens, "tokens": their count}}`` (roles seen only).
+
+    Raises:
+        ValueError: the two sequences differ in length.
+    """
+    if len(roles) != len(entropies):
+        raise ValueError(f"token_roles gave {len(roles)} roles for {len(entropies)} tokens; give one role per token")
+    out: RoleEntropy = {}
+    for role, h in zip(roles, entropies, strict=True):
+        acc = out.setdefault(role, {"sum": 0.0, "tokens": 0})
+        acc["sum"] += float(h)
+        acc["tokens"] += 1
+    return out
 
 
 class GenerationBackend(Protocol):
@@ -55,8 +89,11 @@ class GenerationBackend(Protocol):
     name: str
     entropy_kind: str
 
-    def generate(self, prompts: Sequence[str], n: int) -> list[list[Generation]]:
-        """``n`` completions for each prompt text, in prompt order."""
+    def generate(
+        self, prompts: Sequence[str], n: int, token_roles: TokenRoles | None = None
+    ) -> list[list[Generation]]:
+        """``n`` completions for each prompt text, in prompt order; with ``token_roles``, each carries its
+        entropy per role."""
         ...
 
 
@@ -72,6 +109,7 @@ class HFBackend:
         batch_size: Sequences per sampling call (prompts per call = ``max(1, batch_size // n)``).
         generator: Randomness, on the model's device.
         use_chat_template: Whether prompts go through the tokenizer's chat template.
+        chat_template_kwargs: Extra arguments of the chat template (``{"enable_thinking": False}``).
     """
 
     name = "hf"
@@ -88,6 +126,7 @@ class HFBackend:
         batch_size: int,
         generator: torch.Generator,
         use_chat_template: bool,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -97,9 +136,12 @@ class HFBackend:
         self.batch_size = batch_size
         self.generator = generator
         self.use_chat_template = use_chat_template
+        self.chat_template_kwargs = chat_template_kwargs
         self.eos_ids = eos_token_ids(tokenizer, model)
 
-    def _generate_chunk(self, ids: list[list[int]], n: int) -> list[list[Generation]]:
+    def _generate_chunk(
+        self, ids: list[list[int]], n: int, token_roles: TokenRoles | None
+    ) -> list[list[Generation]]:
         """Sample ``n`` completions for each of a few prompts and measure them."""
         rollout = sample(
             self.model,
@@ -121,15 +163,23 @@ class HFBackend:
         mean_entropy_B = (entropy_BT.sum(1) / lengths_B.clamp(min=1)).tolist()
         is_eos_BT = torch.isin(rollout.completion_ids_BT, torch.tensor(self.eos_ids, device=lengths_B.device))
         finished_B = (is_eos_BT & (rollout.completion_mask_BT > 0)).any(1).tolist()
+        lengths = [int(x) for x in lengths_B.tolist()]
+        roles_B: list[RoleEntropy | None] = [None] * len(texts)
+        if token_roles is not None:  # valid completion tokens are a prefix of each row
+            ids_BT, ent_BT = rollout.completion_ids_BT.tolist(), entropy_BT.tolist()
+            roles_B = [role_entropy(token_roles(ids_BT[b][:L]), ent_BT[b][:L]) for b, L in enumerate(lengths)]
         gens = [
-            Generation(text=t, num_tokens=int(n_tok), finished=bool(f), mean_entropy=float(h))
-            for t, n_tok, f, h in zip(texts, lengths_B.tolist(), finished_B, mean_entropy_B, strict=True)
+            Generation(text=t, num_tokens=n_tok, finished=bool(f), mean_entropy=float(h), role_entropy=r)
+            for t, n_tok, f, h, r in zip(texts, lengths, finished_B, mean_entropy_B, roles_B, strict=True)
         ]
         return [gens[i * n : (i + 1) * n] for i in range(len(ids))]
 
-    def generate(self, prompts: Sequence[str], n: int) -> list[list[Generation]]:
+    def generate(
+        self, prompts: Sequence[str], n: int, token_roles: TokenRoles | None = None
+    ) -> list[list[Generation]]:
         """``n`` completions per prompt; prompts are batched longest first (less padding, early OOM)."""
-        ids = encode_prompts(self.tokenizer, prompts, chat_template=self.use_chat_template)
+        ids = encode_prompts(self.tokenizer, prompts, chat_template=self.use_chat_template,
+                             template_kwargs=self.chat_template_kwargs)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         per_call = max(1, self.batch_size // n)
         out: list[list[Generation]] = [[] for _ in ids]
@@ -138,7 +188,8 @@ class HFBackend:
         try:
             for start in range(0, len(order), per_call):
                 chunk = order[start : start + per_call]
-                for i, gens in zip(chunk, self._generate_chunk([ids[i] for i in chunk], n), strict=True):
+                gens_of_chunk = self._generate_chunk([ids[i] for i in chunk], n, token_roles)
+                for i, gens in zip(chunk, gens_of_chunk, strict=True):
                     out[i] = gens
                 logger.info("generated %d/%d prompts", min(start + per_call, len(order)), len(order))
         finally:
@@ -180,6 +231,7 @@ class VLLMBackend:
         max_new_tokens: Completion budget (``max_tokens``).
         seed: Engine seed.
         use_chat_template: Whether prompts go through the tokenizer's chat template.
+        chat_template_kwargs: Extra arguments of the chat template (``{"enable_thinking": False}``).
         dtype: vLLM dtype (``"auto"``, ``"bfloat16"``, ...).
         top_logprobs: Log-probs returned per position for the entropy estimate.
         **llm_kwargs: Passed to ``vllm.LLM`` (``gpu_memory_utilization``, ``tensor_parallel_size``, ...).
@@ -198,6 +250,7 @@ class VLLMBackend:
         max_new_tokens: int,
         seed: int,
         use_chat_template: bool,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
         dtype: str = "auto",
         top_logprobs: int = 20,
         **llm_kwargs: Any,
@@ -208,11 +261,14 @@ class VLLMBackend:
         self.top_p = top_p
         self.max_new_tokens = max_new_tokens
         self.use_chat_template = use_chat_template
+        self.chat_template_kwargs = chat_template_kwargs
         self.top_logprobs = top_logprobs
         self.entropy_kind = f"top{top_logprobs}-lower-bound"
         self.llm = self.vllm.LLM(model=str(model_path), dtype=dtype, seed=seed, **llm_kwargs)
 
-    def generate(self, prompts: Sequence[str], n: int) -> list[list[Generation]]:
+    def generate(
+        self, prompts: Sequence[str], n: int, token_roles: TokenRoles | None = None
+    ) -> list[list[Generation]]:
         """``n`` completions per prompt (vLLM schedules and batches internally)."""
         params = self.vllm.SamplingParams(
             n=n,
@@ -221,20 +277,26 @@ class VLLMBackend:
             max_tokens=self.max_new_tokens,
             logprobs=self.top_logprobs,
         )
-        ids = encode_prompts(self.tokenizer, prompts, chat_template=self.use_chat_template)
+        ids = encode_prompts(self.tokenizer, prompts, chat_template=self.use_chat_template,
+                             template_kwargs=self.chat_template_kwargs)
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in ids], params)
-        return [[self._record(c) for c in request.outputs] for request in outputs]
+        return [[self._record(c, token_roles) for c in request.outputs] for request in outputs]
 
     @staticmethod
-    def _record(completion: Any) -> Generation:
-        """A vLLM ``CompletionOutput`` as a ``Generation``."""
+    def _record(completion: Any, token_roles: TokenRoles | None) -> Generation:
+        """A vLLM ``CompletionOutput`` as a ``Generation`` (roles only when every token has its log-probs)."""
         positions = completion.logprobs or []
         entropies = [topk_entropy([lp.logprob for lp in pos.values()]) for pos in positions if pos]
+        token_ids = list(completion.token_ids)
+        roles = None
+        if token_roles is not None and len(entropies) == len(token_ids):
+            roles = role_entropy(token_roles(token_ids), entropies)
         return Generation(
             text=completion.text,
-            num_tokens=len(completion.token_ids),
+            num_tokens=len(token_ids),
             finished=completion.finish_reason == "stop",
             mean_entropy=sum(entropies) / len(entropies) if entropies else None,
+            role_entropy=roles,
         )
 
 
@@ -250,6 +312,7 @@ def make_backend(
     generator: torch.Generator | None,
     seed: int,
     use_chat_template: bool,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> GenerationBackend:
     """Build the ``"hf"`` backend (a loaded model; generator default: seeded on the model's device) or the
     ``"vllm"`` one (a checkpoint path or Hub id)."""
@@ -267,6 +330,7 @@ def make_backend(
             batch_size=batch_size,
             generator=generator,
             use_chat_template=use_chat_template,
+            chat_template_kwargs=chat_template_kwargs,
         )
     if kind == "vllm":
         if not isinstance(model, (str, PathLike)):
@@ -279,5 +343,6 @@ def make_backend(
             max_new_tokens=max_new_tokens,
             seed=seed,
             use_chat_template=use_chat_template,
+            chat_template_kwargs=chat_template_kwargs,
         )
     raise ValueError(f"backend must be 'hf' or 'vllm', got {kind!r}")

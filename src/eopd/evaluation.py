@@ -1,43 +1,38 @@
-"""Avg@k / unbiased pass@k evaluation on math benchmarks, ``results.json`` + ``results.md``, and run comparison.
+"""The one evaluation loop: sample, grade, name paths, measure entropy per token role, aggregate, write files.
 
-One entry point serves the CLI (``eopd eval``) and the trainer's periodic evaluation:
-``evaluate_problems(model, tokenizer, problems, grade_fn, ...)`` samples ``n`` completions per problem
-through a backend (``eval_backends``), grades each, and aggregates per benchmark (``problem.meta
-["benchmark"]``) and across benchmarks. The protocol and file format are documented in
-``docs/evaluation.md``.
+``evaluate_problems(model, tokenizer, problems, task, ...)`` serves ``eopd eval`` (math benchmarks), the
+trainer's periodic evaluation and ``eopd.world.measure`` (the arithmetic world), so a teacher's figure and a
+student's figure always measure the same thing. It samples ``n`` completions per problem through a backend
+(``eval_backends``), grades each with the task, records its reasoning path (``task.path_key``: only for
+correct, faithful solutions) and its entropy per token role (``task.token_roles``), and aggregates per
+benchmark (``problem.meta["benchmark"]``) and across benchmarks. ``task=None`` is math grading (last boxed
+answer, math-verify). Metric definitions: ``docs/metrics.md``; protocol and file format:
+``docs/evaluation.md``. Comparing two runs lives in ``eopd.comparison``, the command line in
+``eopd.commands.eval``.
 """
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
-import logging
 import math
-import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from eopd import __version__
-from eopd.eval_backends import (
-    BackendUnavailableError,
-    Generation,
-    GenerationBackend,
-    make_backend,
-)
+from eopd.eval_backends import Generation, GenerationBackend, RoleEntropy, make_backend
 from eopd.prompting import resolve_chat_template
 from eopd.tasks.base import Problem
-from eopd.tasks.math import PAPER_BENCHMARKS, PROMPT_SUFFIX, BenchmarkFormatError, extract_boxed, grade
+from eopd.tasks.benchmarks import PAPER_BENCHMARKS
+from eopd.tasks.grading import extract_boxed, grade
 
 RESULTS_FORMAT = "eopd-eval/1"
 DEFAULT_MAX_NEW_TOKENS = 4096
-
-logger = logging.getLogger(__name__)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -54,9 +49,67 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
+# --------------------------------------------------------------------------------------------------------
+# what a task supplies
+# --------------------------------------------------------------------------------------------------------
+
+
+class GradingTask(Protocol):
+    """What the evaluation needs from a task: ``grade``. Optional methods, used when present:
+
+    - ``answer_of(completion) -> str | None``: the stated final answer (default: the last ``\\boxed{}``);
+    - ``path_key(completion, problem) -> str | None``: the reasoning path of a faithful solution; a task
+      with it reports the path metrics;
+    - ``reference_path(problem) -> str``: one path of interest (arithmetic: the terms as written);
+    - ``token_roles(tokenizer, token_ids) -> list[str]``: the role of each completion token, for the
+      per-role entropy.
+
+    Every ``eopd.tasks.base.Task`` is one.
+    """
+
+    def grade(self, completion: str, answer: str) -> bool:
+        """Whether a completion's final answer equals the gold answer."""
+        ...
+
+
+@dataclass(frozen=True)
+class MathGrading:
+    """``task=None``: the last ``\\boxed{}`` answer graded by math-verify, no paths, no token roles.
+
+    Attributes:
+        timeout_s: math-verify seconds per step (one pathological answer is graded wrong, not hung on).
+    """
+
+    timeout_s: int = 5
+
+    def grade(self, completion: str, answer: str) -> bool:
+        """Math-verify equivalence of the completion's last boxed answer and the gold answer."""
+        return grade(completion, answer, timeout_s=self.timeout_s)
+
+    def answer_of(self, completion: str) -> str | None:
+        """The content of the last ``\\boxed{}`` (None when there is none or it never closes)."""
+        return extract_boxed(completion)
+
+
+# --------------------------------------------------------------------------------------------------------
+# records
+# --------------------------------------------------------------------------------------------------------
+
+
 @dataclass
 class CompletionRecord:
-    """One graded sample: its text, extracted answer (None: no box), verdict and measurements."""
+    """One graded sample.
+
+    Attributes:
+        text: The completion.
+        answer: Its stated final answer (None: none stated).
+        correct: The task's verdict.
+        num_tokens: Tokens generated, EOS included.
+        finished: Ended with EOS (False: hit the token budget).
+        mean_entropy: Mean next-token entropy (nats) over its tokens, None when the backend gave none.
+        path: Its reasoning path (``task.path_key``), None unless graded correct and a faithful solution.
+        role_entropy: ``{role: {"sum": nats, "tokens": count}}`` when the task names token roles, else None.
+    """
 
     text: str
     answer: str | None
@@ -64,25 +117,32 @@ class CompletionRecord:
     num_tokens: int
     finished: bool
     mean_entropy: float | None
+    path: str | None = None
+    role_entropy: RoleEntropy | None = None
 
 
 @dataclass
 class ProblemRecord:
-    """One problem's prompt, gold answer and all its graded samples."""
+    """One problem's prompt, gold answer, reference path (None: the task names none) and graded samples."""
 
     id: str
     benchmark: str
     prompt: str
     gold: str
     completions: list[CompletionRecord]
+    reference_path: str | None = None
 
     @property
     def num_correct(self) -> int:
         return sum(c.correct for c in self.completions)
 
     def distinct_answers(self) -> int:
-        """Distinct extracted final answers (whitespace ignored; samples without a box not counted)."""
+        """Distinct extracted final answers (whitespace ignored; samples without an answer not counted)."""
         return len({"".join(c.answer.split()) for c in self.completions if c.answer is not None})
+
+    def distinct_paths(self) -> int:
+        """Distinct non-None paths among the samples (only correct, faithful samples have one)."""
+        return len({c.path for c in self.completions if c.path is not None})
 
 
 @dataclass
@@ -133,13 +193,56 @@ class EvalResult:
         }
 
 
-def benchmark_metrics(problems: Sequence[ProblemRecord]) -> dict[str, float]:
+# --------------------------------------------------------------------------------------------------------
+# metrics
+# --------------------------------------------------------------------------------------------------------
+
+
+def path_metrics(problems: Sequence[ProblemRecord]) -> dict[str, float]:
+    """The path metrics of a benchmark (definitions: ``docs/metrics.md``, "Paths").
+
+    Returns:
+        ``faithful@1``: mean over problems of the share of samples that have a path (correct and faithful);
+        ``distinct_correct_paths``: mean over problems of the number of distinct paths; and, when every
+        problem names a reference path, ``reference_path_share``: pathed samples on the reference path
+        divided by all pathed samples, pooled over the benchmark (0 when none has a path). To merge
+        benchmarks or processes exactly, weight it by ``num_problems * faithful@1``.
+    """
+    n = len(problems[0].completions)
+    out = {
+        "faithful@1": float(np.mean([sum(c.path is not None for c in p.completions) / n for p in problems])),
+        "distinct_correct_paths": float(np.mean([p.distinct_paths() for p in problems])),
+    }
+    if all(p.reference_path is not None for p in problems):
+        pathed = [(c.path, p.reference_path) for p in problems for c in p.completions if c.path is not None]
+        out["reference_path_share"] = sum(q == ref for q, ref in pathed) / len(pathed) if pathed else 0.0
+    return out
+
+
+def role_entropy_metrics(samples: Sequence[CompletionRecord]) -> dict[str, float]:
+    """Per token role seen: ``entropy/<role>`` (token-weighted mean nats over the role's tokens) and
+    ``tokens/<role>`` (the role's tokens per sample). Samples without role data are left out; to merge
+    benchmarks or processes exactly, weight ``entropy/<role>`` by ``num_problems * tokens/<role>``."""
+    with_roles = [c.role_entropy for c in samples if c.role_entropy is not None]
+    out: dict[str, float] = {}
+    for role in sorted({r for stats in with_roles for r in stats}):
+        total = sum(stats[role]["sum"] for stats in with_roles if role in stats)
+        tokens = sum(stats[role]["tokens"] for stats in with_roles if role in stats)
+        out[f"entropy/{role}"] = total / tokens if tokens else 0.0
+        out[f"tokens/{role}"] = tokens / len(with_roles)
+    return out
+
+
+def benchmark_metrics(problems: Sequence[ProblemRecord], *, with_paths: bool = False) -> dict[str, float]:
     """Aggregates over a benchmark's problems (every problem must have the same number of samples ``n``).
 
     Returns ``avg@n`` (mean accuracy over all samples), ``pass@k`` for ``k = 1..n`` (mean unbiased
     estimate), ``distinct_answers`` (mean per problem), ``mean_length`` (tokens per sample),
     ``mean_entropy`` (token-weighted; absent when the backend gave none), ``answer_rate`` (samples with an
-    extracted answer, e.g. a box), ``truncation_rate`` (samples that hit the token budget) and ``num_problems``.
+    extracted answer, e.g. a box), ``truncation_rate`` (samples that hit the token budget), ``num_problems``;
+    with ``with_paths`` the ``path_metrics``; and ``role_entropy_metrics`` when samples carry role data.
+    Every metric but ``mean_entropy``, ``reference_path_share`` and ``entropy/<role>`` is a mean over
+    problems, so ``num_problems`` weights it when merging.
     """
     if not problems:
         raise ValueError("no problems to aggregate")
@@ -159,6 +262,9 @@ def benchmark_metrics(problems: Sequence[ProblemRecord]) -> dict[str, float]:
         metrics["mean_entropy"] = weighted / tokens if tokens else 0.0
     metrics["answer_rate"] = float(np.mean([c.answer is not None for c in samples]))
     metrics["truncation_rate"] = float(np.mean([not c.finished for c in samples]))
+    if with_paths:
+        metrics.update(path_metrics(problems))
+    metrics.update(role_entropy_metrics(samples))
     return metrics
 
 
@@ -177,33 +283,47 @@ def summarise(benchmarks: dict[str, BenchmarkResult]) -> dict[str, dict[str, flo
     return summary
 
 
-def grade_problem(
-    problem: Problem,
-    generations: Sequence[Generation],
-    grade_fn: Callable[[str, str], bool],
-    answer_fn: Callable[[str], str | None] = extract_boxed,
-) -> ProblemRecord:
-    """Grade a problem's generations into a record."""
-    completions = [
-        CompletionRecord(
-            text=g.text,
-            answer=answer_fn(g.text),
-            correct=bool(grade_fn(g.text, problem.answer)),
-            num_tokens=g.num_tokens,
-            finished=g.finished,
-            mean_entropy=g.mean_entropy,
+# --------------------------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------------------------
+
+
+def names_paths(task: GradingTask) -> bool:
+    """Whether the task can name reasoning paths (it has ``path_key``)."""
+    return callable(getattr(task, "path_key", None))
+
+
+def grade_problem(problem: Problem, generations: Sequence[Generation], task: GradingTask) -> ProblemRecord:
+    """Grade a problem's generations into a record: verdict, stated answer and, for correct samples of a task
+    that names paths, the path."""
+    answer_of = getattr(task, "answer_of", extract_boxed)
+    path_key = getattr(task, "path_key", None) if names_paths(task) else None
+    reference = getattr(task, "reference_path", None)
+    completions = []
+    for g in generations:
+        correct = bool(task.grade(g.text, problem.answer))
+        completions.append(
+            CompletionRecord(
+                text=g.text,
+                answer=answer_of(g.text),
+                correct=correct,
+                num_tokens=g.num_tokens,
+                finished=g.finished,
+                mean_entropy=g.mean_entropy,
+                path=path_key(g.text, problem) if correct and path_key is not None else None,
+                role_entropy=g.role_entropy,
+            )
         )
-        for g in generations
-    ]
     bench = str(problem.meta.get("benchmark", "all"))
-    return ProblemRecord(problem.id, bench, problem.prompt, problem.answer, completions)
+    ref = reference(problem) if path_key is not None and callable(reference) else None
+    return ProblemRecord(problem.id, bench, problem.prompt, problem.answer, completions, ref)
 
 
 def evaluate_problems(
     model: torch.nn.Module | str | None,
     tokenizer: Any,
     problems: Sequence[Problem],
-    grade_fn: Callable[[str, str], bool] = grade,
+    task: GradingTask | None = None,
     *,
     n: int = 8,
     temperature: float = 1.0,
@@ -213,34 +333,43 @@ def evaluate_problems(
     generator: torch.Generator | None = None,
     seed: int = 0,
     use_chat_template: bool | str = "auto",
+    chat_template_kwargs: Mapping[str, Any] | None = None,
     backend: str | GenerationBackend = "hf",
-    answer_fn: Callable[[str], str | None] = extract_boxed,
 ) -> EvalResult:
-    """Sample ``n`` completions per problem, grade them and aggregate per benchmark.
+    """Sample ``n`` completions per problem, grade them, name their paths and aggregate per benchmark.
 
     Args:
         model: The causal LM (HF backend), its path / Hub id (vLLM backend), or None with a ready backend.
-        tokenizer: Its tokenizer (prompt formatting and decoding).
+        tokenizer: Its tokenizer (prompt formatting, decoding, token roles).
         problems: Problems; ``meta["benchmark"]`` groups them (missing: one group ``"all"``).
-        grade_fn: ``grade_fn(completion, gold) -> bool`` (default: math-verify ``grade``).
+        task: Grading and, optionally, answers, paths, a reference path and token roles (``GradingTask``);
+            None: ``MathGrading()``.
         n: Samples per problem.
-        temperature: Sampling temperature (paper: 1.0).
-        top_p: Nucleus mass (paper: 0.8).
+        temperature: Sampling temperature (> 0; paper: 1.0); entropies are of the scaled distribution.
+        top_p: Nucleus mass in (0, 1] (paper: 0.8).
         max_new_tokens: Completion budget.
         batch_size: Sequences per sampling call (HF backend).
         generator: Randomness for the HF backend, on the model's device (default: seeded with ``seed``).
         seed: Seed when no generator is given, and the vLLM engine seed.
         use_chat_template: True, False or ``"auto"`` (when the tokenizer has one).
+        chat_template_kwargs: Extra chat-template arguments (``{"enable_thinking": False}``).
         backend: ``"hf"``, ``"vllm"`` or a ready ``GenerationBackend``.
-        answer_fn: The final answer a completion states (recorded, and counted for ``distinct_answers``).
 
     Returns:
         An ``EvalResult`` whose ``config`` records the protocol.
+
+    Raises:
+        ValueError: no problems, ``n < 1``, ``temperature <= 0`` or ``top_p`` outside (0, 1].
     """
     if not problems:
         raise ValueError("no problems to evaluate")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    task = MathGrading() if task is None else task
     chat = resolve_chat_template(tokenizer, use_chat_template)
     if isinstance(backend, str):
         backend = make_backend(
@@ -254,26 +383,38 @@ def evaluate_problems(
             generator=generator,
             seed=seed,
             use_chat_template=chat,
+            chat_template_kwargs=chat_template_kwargs,
         )
-    generations = backend.generate([p.prompt for p in problems], n)
-    records = [grade_problem(p, g, grade_fn, answer_fn) for p, g in zip(problems, generations, strict=True)]
-    grouped: dict[str, list[ProblemRecord]] = {}
-    for r in records:
-        grouped.setdefault(r.benchmark, []).append(r)
-    benchmarks = {b: BenchmarkResult(b, rs, benchmark_metrics(rs)) for b, rs in grouped.items()}
+    roles = getattr(task, "token_roles", None)
+    token_roles = functools.partial(roles, tokenizer) if callable(roles) else None
+    generations = backend.generate([p.prompt for p in problems], n, token_roles=token_roles)
+    records = [grade_problem(p, g, task) for p, g in zip(problems, generations, strict=True)]
     config = {
+        "task": getattr(task, "name", "math"),
         "n": n,
         "temperature": temperature,
         "top_p": top_p,
         "max_new_tokens": max_new_tokens,
         "chat_template": chat,
-        "prompt_suffix": PROMPT_SUFFIX,
+        "chat_template_kwargs": dict(chat_template_kwargs or {}),
         "backend": backend.name,
         "entropy": backend.entropy_kind,
         "seed": seed,
         "eopd_version": __version__,
     }
-    return EvalResult(benchmarks, summarise(benchmarks), config)
+    return result_from_records(records, with_paths=names_paths(task), config=config)
+
+
+def result_from_records(
+    records: Sequence[ProblemRecord], *, with_paths: bool, config: dict[str, Any] | None = None
+) -> EvalResult:
+    """Group graded problems by benchmark and aggregate them (also used on records gathered from several
+    processes, so a distributed evaluation gives exactly the single-process metrics)."""
+    grouped: dict[str, list[ProblemRecord]] = {}
+    for r in records:
+        grouped.setdefault(r.benchmark, []).append(r)
+    benchmarks = {b: BenchmarkResult(b, rs, benchmark_metrics(rs, with_paths=with_paths)) for b, rs in grouped.items()}
+    return EvalResult(benchmarks, summarise(benchmarks), dict(config or {}))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -281,24 +422,29 @@ def evaluate_problems(
 # --------------------------------------------------------------------------------------------------------
 
 
-def _pct(value: float | None) -> str:
+def format_percent(value: float | None) -> str:
+    """``0.413 -> "41.3"``; ``None -> "-"``."""
     return "-" if value is None else f"{100 * value:.1f}"
 
 
 def markdown_table(summary: dict[str, dict[str, float]], metrics: dict[str, dict[str, float]], n: int) -> str:
     """The results table: one row per benchmark then the means; accuracies in percent."""
     ks = sorted({1, n} | ({k for k in (4, 8, 16) if k < n}))
-    head = ["benchmark", "problems", f"Avg@{n}", *(f"Pass@{k}" for k in ks), "distinct", "length", "entropy"]
+    paths = any("distinct_correct_paths" in m for m in metrics.values())
+    head = ["benchmark", "problems", f"Avg@{n}", *(f"Pass@{k}" for k in ks), "distinct", *(["paths"] * paths),
+            "length", "entropy"]
     rows = [head, ["---"] * len(head)]
     for name, m in [*metrics.items(), *summary.items()]:
         entropy = f"{m['mean_entropy']:.3f}" if "mean_entropy" in m else "-"
+        path_cell = [f"{m['distinct_correct_paths']:.2f}" if "distinct_correct_paths" in m else "-"] * paths
         rows.append(
             [
                 f"**{name}**" if name in summary else name,
                 str(int(m["num_problems"])),
-                _pct(m.get(f"avg@{n}")),
-                *(_pct(m.get(f"pass@{k}")) for k in ks),
+                format_percent(m.get(f"avg@{n}")),
+                *(format_percent(m.get(f"pass@{k}")) for k in ks),
                 f"{m['distinct_answers']:.2f}",
+                *path_cell,
                 f"{m['mean_length']:.0f}",
                 entropy,
             ]
@@ -307,7 +453,7 @@ def markdown_table(summary: dict[str, dict[str, float]], metrics: dict[str, dict
 
 
 def write_results(result: EvalResult, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``results.json`` (every completion, answer, verdict) and ``results.md`` (the table).
+    """Write ``results.json`` (every completion, answer, verdict, path) and ``results.md`` (the table).
 
     Returns:
         The two paths.
@@ -321,210 +467,3 @@ def write_results(result: EvalResult, out_dir: str | Path) -> tuple[Path, Path]:
     settings = ", ".join(f"{k}={v}" for k, v in result.config.items() if k != "prompt_suffix")
     md_path.write_text(f"# Evaluation\n\n{settings}\n\n{table}", encoding="utf-8")
     return json_path, md_path
-
-
-# --------------------------------------------------------------------------------------------------------
-# comparison of two runs
-# --------------------------------------------------------------------------------------------------------
-
-
-def paired_bootstrap(
-    diffs: dict[str, np.ndarray], *, num_resamples: int, rng: np.random.Generator, confidence: float = 0.95
-) -> dict[str, tuple[float, float, float]]:
-    """Percentile bootstrap intervals of mean paired differences, per benchmark and for their mean.
-
-    Problems are resampled with replacement within each benchmark (paired: a problem's two scores move
-    together); the ``"mean"`` entry averages the benchmarks' resampled means, as the summary does.
-
-    Args:
-        diffs: Per benchmark, the per-problem score differences (B - A), ``[num_problems]``.
-        num_resamples: Bootstrap replicates.
-        rng: Randomness.
-        confidence: Interval coverage.
-
-    Returns:
-        ``name -> (observed mean difference, low, high)``.
-    """
-    alpha = (1.0 - confidence) / 2
-    replicate_means: dict[str, np.ndarray] = {}
-    out: dict[str, tuple[float, float, float]] = {}
-    for name, d_M in diffs.items():
-        idx_RM = rng.integers(0, len(d_M), size=(num_resamples, len(d_M)))
-        replicate_means[name] = d_M[idx_RM].mean(axis=1)
-    replicate_means["mean"] = np.mean(np.stack(list(replicate_means.values())), axis=0)
-    observed = {name: float(d.mean()) for name, d in diffs.items()}
-    observed["mean"] = float(np.mean(list(observed.values())))
-    for name, reps_R in replicate_means.items():
-        lo, hi = np.quantile(reps_R, [alpha, 1.0 - alpha])
-        out[name] = (observed[name], float(lo), float(hi))
-    return out
-
-
-def _problem_scores(doc: dict[str, Any], k: int) -> dict[str, dict[str, float]]:
-    """Per benchmark, problem id -> pass@k score (k=0: accuracy over samples) from a results.json document."""
-    scores: dict[str, dict[str, float]] = {}
-    for bench, body in doc["benchmarks"].items():
-        scores[bench] = {}
-        for p in body["problems"]:
-            n = len(p["completions"])
-            c = sum(bool(x["correct"]) for x in p["completions"])
-            scores[bench][p["id"]] = c / n if k == 0 else pass_at_k(n, c, k)
-    return scores
-
-
-def compare_results(
-    a: dict[str, Any], b: dict[str, Any], *, num_resamples: int = 10_000, seed: int = 0, confidence: float = 0.95
-) -> str:
-    """Side-by-side markdown of two ``results.json`` documents with paired bootstrap intervals of B - A.
-
-    Only benchmarks and problems present in both runs are compared. Avg (accuracy over samples) and
-    pass@k with ``k`` the smaller of the two runs' ``n`` are shown, in percent.
-
-    Raises:
-        ValueError: the runs share no problems.
-    """
-    k = min(int(a["config"]["n"]), int(b["config"]["n"]))
-    lines = [f"A: {a['config'].get('model', '?')}", f"B: {b['config'].get('model', '?')}", ""]
-    lines += [f"| metric | benchmark | problems | A | B | B - A | {100 * confidence:.0f}% CI |", "|---" * 7 + "|"]
-    for label, kk in (("avg", 0), (f"pass@{k}", k)):
-        sa, sb = _problem_scores(a, kk), _problem_scores(b, kk)
-        shared = {bench: sorted(set(sa[bench]) & set(sb[bench])) for bench in sa if bench in sb}
-        shared = {bench: ids for bench, ids in shared.items() if ids}
-        if not shared:
-            raise ValueError("the two runs share no problems (compare runs over the same benchmarks)")
-        a_means = {bench: float(np.mean([sa[bench][i] for i in ids])) for bench, ids in shared.items()}
-        b_means = {bench: float(np.mean([sb[bench][i] for i in ids])) for bench, ids in shared.items()}
-        a_means["mean"], b_means["mean"] = (
-            float(np.mean(list(a_means.values()))),
-            float(np.mean(list(b_means.values()))),
-        )
-        diffs = {bench: np.array([sb[bench][i] - sa[bench][i] for i in ids]) for bench, ids in shared.items()}
-        cis = paired_bootstrap(
-            diffs, num_resamples=num_resamples, rng=np.random.default_rng(seed), confidence=confidence
-        )
-        for bench, (d, lo, hi) in cis.items():
-            count = sum(len(v) for v in shared.values()) if bench == "mean" else len(shared[bench])
-            lines.append(
-                f"| {label} | {bench} | {count} | {_pct(a_means[bench])} | {_pct(b_means[bench])} | "
-                f"{100 * d:+.1f} | [{100 * lo:+.1f}, {100 * hi:+.1f}] |"
-            )
-    return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------------------------------------
-# command line
-# --------------------------------------------------------------------------------------------------------
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="eopd eval",
-        description="Avg@n and unbiased pass@k of a checkpoint on math benchmarks (paper protocol by default), "
-        "or --compare two results.json files.",
-    )
-    p.add_argument("--model", help="checkpoint folder or Hub id")
-    p.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: --model)")
-    p.add_argument(
-        "--benchmarks",
-        default="paper",
-        help="comma list of names (math500,aime24,aime25,amc23,minerva,olympiadbench,gsm8k), files, "
-        "folders or hf:owner/name; 'paper' = the six, 'all' = the six + gsm8k",
-    )
-    p.add_argument("--data-dir", help="folder holding <name>.jsonl (default: $EOPD_MATH_DATA or shared/data/math)")
-    p.add_argument("--n", type=int, default=8, help="samples per problem")
-    p.add_argument("--limit", type=int, help="first N problems of each benchmark")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=0.8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64, help="sequences per sampling call (hf backend)")
-    p.add_argument("--output-dir", help="where results.json / results.md go (default: runs/eval/<model name>)")
-    p.add_argument("--backend", choices=("hf", "vllm"), default="hf")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    p.add_argument("--chat-template", choices=("auto", "on", "off"), default="auto")
-    p.add_argument("--grade-timeout", type=int, default=5, help="math-verify seconds per step")
-    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="compare two runs side by side")
-    p.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap replicates for --compare")
-    return p
-
-
-def _benchmark_list(spec: str) -> list[str]:
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    expanded: list[str] = []
-    for name in names:
-        expanded += {"paper": list(PAPER_BENCHMARKS), "all": [*PAPER_BENCHMARKS, "gsm8k"]}.get(name, [name])
-    return expanded
-
-
-def _run_compare(args: argparse.Namespace) -> int:
-    docs = []
-    for path in args.compare:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-        if doc.get("format") != RESULTS_FORMAT:
-            raise ValueError(f"{path} is not an eopd eval results.json (format {doc.get('format')!r})")
-        docs.append(doc)
-    print(compare_results(docs[0], docs[1], num_resamples=args.bootstrap, seed=args.seed), end="")
-    return 0
-
-
-def _run_eval(args: argparse.Namespace) -> int:
-    from eopd.models import load_causal_lm, load_tokenizer, resolve_device
-    from eopd.tasks.math import load_benchmark
-
-    problems = [
-        p for b in _benchmark_list(args.benchmarks) for p in load_benchmark(b, data_dir=args.data_dir, limit=args.limit)
-    ]
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    chat = {"auto": "auto", "on": True, "off": False}[args.chat_template]
-    device = resolve_device(args.device)
-    model: torch.nn.Module | str = args.model
-    generator = None
-    if args.backend == "hf":
-        model = load_causal_lm(args.model, device=device, dtype=args.dtype)
-        generator = torch.Generator(device=device).manual_seed(args.seed)
-    start = time.time()
-    result = evaluate_problems(
-        model,
-        tokenizer,
-        problems,
-        lambda c, g: grade(c, g, timeout_s=args.grade_timeout),
-        n=args.n,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        generator=generator,
-        seed=args.seed,
-        use_chat_template=chat,
-        backend=args.backend,
-    )
-    result.config.update(
-        model=args.model,
-        benchmarks=sorted(result.benchmarks),
-        limit=args.limit,
-        device=str(device),
-        dtype=args.dtype,
-        seconds=round(time.time() - start, 1),
-    )
-    out_dir = Path(args.output_dir or Path("runs") / "eval" / Path(str(args.model).rstrip("/")).name)
-    json_path, md_path = write_results(result, out_dir)
-    print(md_path.read_text(encoding="utf-8"))
-    print(f"wrote {json_path} and {md_path}")
-    return 0
-
-
-def cli(argv: list[str]) -> int:
-    """``eopd eval``: evaluate a checkpoint, or ``--compare A.json B.json``. Returns an exit code."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.compare is None and not args.model:
-        parser.error("--model is required (or use --compare A.json B.json)")
-    if args.n < 1 or (args.limit is not None and args.limit < 1):
-        parser.error("--n and --limit must be >= 1")
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        return _run_compare(args) if args.compare else _run_eval(args)
-    except (BenchmarkFormatError, BackendUnavailableError, FileNotFoundError, ValueError, ImportError) as err:
-        print(f"eopd eval: error: {err}", file=sys.stderr)
-        return 2

@@ -16,8 +16,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from eopd.errors import UserError
 
-class FolderExistsError(FileExistsError):
+
+class FolderExistsError(UserError, FileExistsError):
     """The destination folder exists already; it is never overwritten."""
 
 

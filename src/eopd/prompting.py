@@ -12,8 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from eopd.errors import UserError
 
-class PromptFormatError(ValueError):
+
+class PromptFormatError(UserError, ValueError):
     """A prompt cannot be formatted as asked (e.g. a chat template was required and the tokenizer has none)."""
 
 

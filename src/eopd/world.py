@@ -9,9 +9,11 @@ on models trained from scratch on the multi-path arithmetic task (``eopd.tasks.a
   imperfect, so on-policy distillation has room both to raise accuracy and to widen its paths.
 
 Both are saved as ordinary Hugging Face folders (``config.json``, ``model.safetensors``, tokenizer files)
-and cached under ``<cache_dir>/<hash of the WorldConfig>/{teacher,student,tokenizer}``; a second
-``build_world`` with the same config loads nothing and trains nothing. Reproduce a cached model with
-``eopd sft --role teacher --output-dir DIR`` (or ``--role student``; ``--role world`` fills the cache).
+and cached under ``<cache_dir>/<hash of the WorldConfig>/{teacher,student,tokenizer}`` (plus ``world.json``,
+the config; each model folder holds ``eopd_world.json``, its role and config); a second ``build_world`` with
+the same config loads nothing and trains nothing. Every folder is written through ``eopd.folders``, so an
+interrupted build leaves nothing behind. Reproduce a cached model with ``eopd world --role teacher
+--output-dir DIR`` (or ``--role student``; plain ``eopd world`` fills the cache).
 
 Measured defaults: see ``WorldConfig``.
 
@@ -25,33 +27,30 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from eopd.evaluation import pass_at_k
+from eopd.config import ConfigError, deep_merge, from_dict, require
+from eopd.evaluation import evaluate_problems
+from eopd.folders import FolderExistsError, atomic_folder, save_model_folder
 from eopd.models import build_tiny_qwen3, load_causal_lm, load_tokenizer
-from eopd.rollout import decode_completions, position_ids_from_mask, sample
 from eopd.sft import SFTConfig, train_sft
 from eopd.tasks.arithmetic import (
     ArithmeticConfig,
     ArithmeticTask,
     format_prompt,
-    order_choice_mask,
-    parse_chain,
     sample_traces,
     trace_for_order,
 )
 from eopd.tokenizer import DEFAULT_ALPHABET, build_char_tokenizer
 
-WORLD_FORMAT_VERSION = 1  # bump when trace format / training code changes what a config produces
+WORLD_FORMAT_VERSION = 2  # bump when trace format / training code changes what a config produces
 ROLES: tuple[str, ...] = ("teacher", "student")
 
 
@@ -80,52 +79,54 @@ class ModelSpec:
     sft: SFTConfig = field(default_factory=SFTConfig)
 
     def __post_init__(self) -> None:
-        if isinstance(self.sft, dict):  # from a YAML/JSON config
-            self.sft = SFTConfig(**self.sft)
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads {self.num_heads} must be divisible by num_kv_heads {self.num_kv_heads}")
+            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        require(self.hidden_size % self.num_heads == 0, "hidden_size",
+                f"must be divisible by num_heads ({self.num_heads}), got {self.hidden_size}")
+        require(self.num_heads % self.num_kv_heads == 0, "num_heads",
+                f"must be divisible by num_kv_heads ({self.num_kv_heads}), got {self.num_heads}")
 
 
 def _default_teacher() -> ModelSpec:
     return ModelSpec(hidden_size=96, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=288,
                      init_seed=0, data_seed=1,
-                     sft=SFTConfig(steps=1500, batch_size=64, lr=3e-3, warmup_steps=50, seed=0))
+                     sft=SFTConfig(steps=1500, batch_size=64, lr=3e-3, beta2=0.98, warmup_steps=50, seed=0))
 
 
 def _default_student() -> ModelSpec:
     return ModelSpec(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=192,
                      init_seed=10, data_seed=11,
-                     sft=SFTConfig(steps=400, batch_size=64, lr=3e-3, warmup_steps=30, seed=10))
+                     sft=SFTConfig(steps=400, batch_size=64, lr=3e-3, beta2=0.98, warmup_steps=30, seed=10))
 
 
 @dataclass
 class WorldConfig:
     """The task, the teacher and the base student of the embedded world (the cache key).
 
-    What the defaults measured (torch 2.13 CPU, ``torch.set_num_threads(2)`` on an otherwise idle 2-core
-    VM; ``measure`` on the first 200 held-out test prompts x 8 samples at temperature 1):
+    What the defaults measured (``WORLD_FORMAT_VERSION`` 2, torch 2.13 CPU, ``EOPD_CACHE=DIR eopd world
+    --threads 1``, which builds both models and prints ``measure`` on the first 200 held-out test prompts x
+    8 samples at temperature 1):
 
     ========================  ===================  ========================
     metric                    teacher              base student
     ========================  ===================  ========================
     parameters                334,224              99,776
     SFT budget                1,500 steps x 64     400 steps x 64
-    training wall time        79 s                 10 s
-    pass@1 / pass@8           0.973 / 1.000        0.799 / 1.000
-    faithful@1                0.973                0.725
-    distinct correct paths/8  4.52                 1.00
-    entropy choice / arith    0.70 / 0.002 nats    0.06 / 0.07 nats
-    entropy, first token      1.04 nats            0.04 nats
+    training wall time        407 s                89 s
+    pass@1 / pass@8           0.969 / 1.000        0.832 / 1.000
+    faithful@1                0.969                0.783
+    distinct correct paths/8  4.43                 1.00
+    as-written path share     0.35                 1.00
+    entropy choice / arith    0.70 / 0.002 nats    0.04 / 0.06 nats
     ========================  ===================  ========================
+
+    (Wall time on one thread of a 2-core machine busy with other jobs: 8 min 25 s for the whole build,
+    ``measure`` 5 s per model. Version 1, with a hand-written schedule, took 79 s and 10 s with two threads
+    on an idle machine; the work per step is the same.)
 
     So the teacher is accurate and genuinely multi-path (uncertain only where an order is chosen), and
     the student is single-path and imperfect. The student's accuracy rises steeply with its budget
-    (300 steps: pass@1 0.45-0.50; 400: 0.77-0.80; 500: 0.91-0.94 over two seeds each), so 400 leaves
+    (version 1, two seeds each: 300 steps pass@1 0.45-0.50; 400: 0.77-0.80; 500: 0.91-0.94), so 400 leaves
     distillation room while staying stable across seeds.
 
     Attributes:
@@ -141,60 +142,58 @@ class WorldConfig:
     max_position_embeddings: int = 128
 
     def __post_init__(self) -> None:
-        if isinstance(self.task, dict):
-            self.task = ArithmeticConfig(**self.task)
-        for role in ROLES:
-            spec = getattr(self, role)
-            if isinstance(spec, dict):
-                setattr(self, role, ModelSpec(**spec))
         needed = longest_sequence(self.task)
-        if self.max_position_embeddings < needed:
-            raise ValueError(f"max_position_embeddings {self.max_position_embeddings} is shorter than the "
-                             f"longest prompt + completion + EOS ({needed}); raise it")
+        require(self.max_position_embeddings >= needed, "max_position_embeddings",
+                f"must hold the longest prompt + completion + EOS ({needed} tokens), got "
+                f"{self.max_position_embeddings}; raise it")
 
     def key(self) -> str:
         """The cache key: ``config_hash(self)``."""
         return config_hash(self)
 
 
-def _checked_fields(cls: type, d: dict, where: str) -> dict:
-    """``d`` unchanged when every key is a field of dataclass ``cls``; else a ValueError naming the keys."""
-    if not isinstance(d, dict):
-        raise ValueError(f"{where} must be a mapping, got {type(d).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"{where} has unknown key(s) {unknown}; valid keys: {', '.join(sorted(names))}")
-    return d
-
-
 def world_config_from_dict(d: dict | None) -> WorldConfig:
     """A ``WorldConfig`` from a nested dict (a YAML ``world:`` section); missing keys keep their defaults.
 
     Shape: ``{task: {ArithmeticConfig fields}, teacher: {ModelSpec fields, sft: {SFTConfig fields}},
-    student: {...}, max_position_embeddings: int}``. A partial ``teacher``/``student``/``sft`` section
-    overrides only the keys it names (so ``{teacher: {sft: {steps: 500}}}`` keeps the default size).
+    student: {...}, max_position_embeddings: int}``. The section is ``deep_merge``d into the defaults, so a
+    partial ``teacher``/``student``/``sft`` section overrides only the keys it names (``{teacher: {sft:
+    {steps: 500}}}`` keeps the default size), while an order-style mixture the user gives replaces the
+    default mixture whole (it is one value, not a section). Then ``from_dict`` checks keys and types.
 
     Raises:
-        ValueError: an unknown key (the message lists the valid ones) or an invalid value.
+        ConfigError: an unknown key, a wrong type or an impossible value, in one line naming the key
+            (``world.teacher.sft.steps: ...``).
     """
-    d = _checked_fields(WorldConfig, dict(d or {}), "world")
-    base = WorldConfig()
-    kwargs: dict = {}
-    if "task" in d:
-        kwargs["task"] = ArithmeticConfig(**(asdict(base.task) | _checked_fields(ArithmeticConfig, d["task"],
-                                                                                  "world.task")))
-    for role in ROLES:
-        if role not in d:
+    d = {} if d is None else d
+    if not isinstance(d, dict):
+        raise ConfigError(f"world: must be a mapping of WorldConfig fields, got {d!r}")
+    defaults = _without_replaced_values(WorldConfig, config_dict(WorldConfig()), d)
+    try:
+        return from_dict(WorldConfig, deep_merge(defaults, d), prefix="world.")
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:  # ArithmeticConfig validates with plain ValueErrors
+        raise ConfigError(f"world.task: {err}") from None
+
+
+def _without_replaced_values(cls: type, defaults: dict, update: dict) -> dict:
+    """``defaults`` minus the mapping-valued fields (not dataclass sections) that ``update`` sets.
+
+    ``deep_merge`` merges every pair of mappings; a field such as ``task.teacher_styles`` is a single value
+    that the user's mapping must replace, so its default is dropped before merging.
+    """
+    out = dict(defaults)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in update or f.name not in out:
             continue
-        section = dict(_checked_fields(ModelSpec, d[role], f"world.{role}"))
-        default_spec: ModelSpec = getattr(base, role)
-        sft = asdict(default_spec.sft) | _checked_fields(SFTConfig, section.pop("sft", {}) or {}, f"world.{role}.sft")
-        spec = {f.name: getattr(default_spec, f.name) for f in dataclasses.fields(ModelSpec)} | section
-        kwargs[role] = ModelSpec(**(spec | {"sft": SFTConfig(**sft)}))
-    if "max_position_embeddings" in d:
-        kwargs["max_position_embeddings"] = d["max_position_embeddings"]
-    return WorldConfig(**kwargs)
+        if dataclasses.is_dataclass(hints[f.name]):
+            if isinstance(out[f.name], dict) and isinstance(update[f.name], dict):
+                out[f.name] = _without_replaced_values(hints[f.name], out[f.name], update[f.name])
+        elif typing.get_origin(hints[f.name]) is dict:
+            del out[f.name]
+    return out
 
 
 def longest_sequence(task: ArithmeticConfig) -> int:
@@ -259,13 +258,23 @@ def train_role(
     return model, tokenizer
 
 
-def save_model(model: PreTrainedModel, tokenizer, path: Path, info: dict) -> None:
-    """``save_pretrained`` the model and tokenizer into ``path`` and write ``info`` as ``eopd_world.json``."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    (path / "eopd_world.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+def write_role(folder: Path, model: PreTrainedModel, tokenizer, info: dict) -> None:
+    """Write a trained role into a fresh ``folder`` (an ``atomic_folder``'s): HF model, tokenizer, ``info``.
+
+    ``info`` (see ``role_info``) goes to ``eopd_world.json`` beside the model.
+    """
+    save_model_folder(folder, model, tokenizer)
+    (folder / "eopd_world.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+
+
+def role_info(cfg: WorldConfig, role: str, train_seconds: float) -> dict:
+    """What ``eopd_world.json`` records: the role, the whole config, its hash and the training time.
+
+    The file is itself a world config (its ``world`` key), so ``eopd world --role ROLE --config
+    eopd_world.json --output-dir DIR`` trains the same model again.
+    """
+    return {"role": role, "world": config_dict(cfg), "hash": config_hash(cfg), "train_seconds": train_seconds,
+            "reproduce": f"eopd world --role {role} --config THIS_FILE --output-dir DIR"}
 
 
 def world_paths(cfg: WorldConfig, cache_dir: str | Path | None = None) -> tuple[Path, Path, Path]:
@@ -288,14 +297,19 @@ def build_world(
 ) -> tuple[Path, Path, Path]:
     """Train (or find cached) the teacher and base student; returns ``(teacher, student, tokenizer)`` paths.
 
-    Everything is written into a temporary sibling folder and renamed into place in one step, so an
-    interrupted run never leaves a half-written world that a later run would trust. If another process
-    finished the same world first, its copy wins and ours is discarded.
+    The whole world is written through ``eopd.folders.atomic_folder`` and appears in one rename, so an
+    interrupted run (an error, Ctrl-C) leaves neither a half-written world that a later run would trust nor
+    a temporary folder. If another process finished the same world first, its copy wins and ours is
+    discarded.
 
     Args:
         cfg: The world (default ``WorldConfig()``).
         cache_dir: Cache root (default ``default_cache_dir()``); the world lives in ``<root>/<hash>``.
         log: Receives progress lines (None: silent).
+
+    Raises:
+        FolderExistsError: the world's folder exists but is incomplete (not written by this code); it is
+            never overwritten.
     """
     cfg = cfg or WorldConfig()
     say = log or (lambda _msg: None)
@@ -304,9 +318,8 @@ def build_world(
     if _is_complete(folder):
         say(f"world {folder.name}: cached at {folder}")
         return teacher_path, student_path, tok_path
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    _refuse_incomplete(folder)
+    with atomic_folder(folder, keep_existing=True) as tmp:
         for role in ROLES:
             say(f"world {folder.name}: training the {role}")
             start = time.perf_counter()
@@ -315,21 +328,21 @@ def build_world(
             )
             elapsed = time.perf_counter() - start
             say(f"world {folder.name}: {role} trained in {elapsed:.1f}s")
-            save_model(model, tokenizer, tmp / role,
-                       {"role": role, "world": config_dict(cfg), "hash": folder.name, "train_seconds": elapsed,
-                        "reproduce": f"eopd sft --role {role} --output-dir DIR"})
+            (tmp / role).mkdir()
+            write_role(tmp / role, model, tokenizer, role_info(cfg, role, elapsed))
         build_char_tokenizer(DEFAULT_ALPHABET).save_pretrained(tmp / "tokenizer")
         (tmp / "world.json").write_text(json.dumps(config_dict(cfg), indent=2, sort_keys=True))
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not _is_complete(folder):
-                raise
+        if folder.exists():
             say(f"world {folder.name}: another process finished it first; using theirs")
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    _refuse_incomplete(folder)
     return teacher_path, student_path, tok_path
+
+
+def _refuse_incomplete(folder: Path) -> None:
+    """Raise ``FolderExistsError`` when ``folder`` exists but is not a complete world."""
+    if folder.exists() and not _is_complete(folder):
+        raise FolderExistsError(f"{str(folder)!r} exists but is not a complete world (a model or the tokenizer "
+                                "is missing); it is never overwritten: delete it and build again")
 
 
 def load_world(
@@ -338,57 +351,6 @@ def load_world(
     """``build_world`` then load ``(teacher, student, tokenizer)`` on CPU in float32."""
     teacher_path, student_path, tok_path = build_world(cfg, cache_dir, log)
     return load_causal_lm(teacher_path), load_causal_lm(student_path), load_tokenizer(tok_path)
-
-
-def _aligned_text(tokenizer, ids: list[int]) -> str:
-    """One character per token: the token's own character, ``"?"`` for a special token (EOS, pad, unk).
-
-    Lets per-character roles (``order_choice_mask``) index per-token entropies even when a sample emits
-    special tokens mid-way (which ``decode(skip_special_tokens=True)`` would drop, shifting positions).
-
-    Raises:
-        ValueError: a token is longer than one character (not the embedded character tokenizer).
-    """
-    special = set(tokenizer.all_special_ids)
-    chars = []
-    for i, piece in zip(ids, tokenizer.convert_ids_to_tokens(ids), strict=True):
-        if i in special:
-            chars.append("?")
-        elif len(piece) != 1:
-            raise ValueError(f"measure needs one token per character (the embedded character tokenizer); "
-                             f"token {piece!r} spans {len(piece)}")
-        else:
-            chars.append(piece)
-    return "".join(chars)
-
-
-@torch.no_grad()
-def token_entropies(model: PreTrainedModel, rollout) -> torch.Tensor:
-    """Entropy (nats, temperature 1) of the model's next-token distribution at each completion position.
-
-    Returns:
-        ``entropy_BT``: entry ``[b, t]`` is the entropy of the distribution that produced completion token
-        ``t`` of row ``b`` (masked positions hold garbage; use ``rollout.completion_mask_BT``).
-    """
-    P = rollout.prompt_len
-    seq_BL = rollout.sequences_BL
-    mask_BL = rollout.attention_mask_BL
-    logits_BLV = model(input_ids=seq_BL, attention_mask=mask_BL, position_ids=position_ids_from_mask(mask_BL)).logits
-    logits_BTV = logits_BLV[:, P - 1 : -1].float()
-    logp_BTV = torch.log_softmax(logits_BTV, dim=-1)
-    return -(logp_BTV.exp() * logp_BTV).sum(-1)
-
-
-def faithful_path(task: ArithmeticTask, completion: str, terms: list[int]) -> str | None:
-    """The path key when the completion is a correct chain over exactly ``terms``, else None.
-
-    Stricter than ``grade`` (answer only): a chain that miscopies a term but lands on the right total
-    by luck is correct for the grader but is no path of this prompt.
-    """
-    values = parse_chain(completion)
-    if values is None or sorted(values) != sorted(terms):
-        return None
-    return task.path_key(completion)
 
 
 def measure(
@@ -403,10 +365,12 @@ def measure(
 ) -> dict[str, float]:
     """Accuracy, path diversity and per-role entropy of a model on the task's first test prompts.
 
-    Entropy is split by token role (``order_choice_mask``): at order-choice tokens (naming a term while
-    >= 2 remain) a multi-path teacher should be clearly uncertain; at arithmetic tokens (sums, separators,
-    the answer, EOS) any good model should be near 0. Needs one token per character (the embedded
-    tokenizer), which is checked.
+    A thin view of ``eopd.evaluation.evaluate_problems`` (the loop ``eopd eval`` and the trainer use, so the
+    teacher's figures and the students' measure the same thing): full-vocabulary sampling (top-p 1), no chat
+    template, a budget of the longest completion + 4 tokens. Entropy is split by token role
+    (``ArithmeticTask.token_roles``): at order-choice tokens (naming a term while >= 2 remain) a multi-path
+    teacher should be clearly uncertain; at arithmetic tokens (sums, separators, the answer, EOS) any good
+    model should be near 0. Needs one token per character (the embedded tokenizer), which is checked.
 
     Args:
         model: The model (sampled on its own device).
@@ -415,54 +379,31 @@ def measure(
         n_problems: Test prompts used (the first ones of the split).
         n_samples: Samples per prompt (the ``k`` of pass@k).
         generator: Sampling randomness (default: seed 0 on CPU).
-        temperature: Sampling temperature.
+        temperature: Sampling temperature (the entropies are of the same temperature-scaled distribution).
         batch_prompts: Prompts per sampling batch.
 
     Returns:
-        ``pass@1`` and ``pass@{n_samples}`` (graded on the final answer), ``faithful@1`` (fraction of
-        samples that are a correct chain over exactly the prompt's terms), ``distinct_correct_paths``
-        (mean number of distinct faithful paths per prompt), ``entropy_choice``, ``entropy_arithmetic``,
-        ``entropy_first`` (mean nats at the first completion token), ``n_problems``, ``n_samples``.
+        ``pass@1`` and ``pass@{n_samples}`` (graded on the final answer), ``faithful@1`` (share of samples
+        with a path: a correct chain over exactly the prompt's terms), ``distinct_correct_paths`` (mean
+        number of distinct paths per prompt), ``reference_path_share`` (share of pathed samples that add the
+        terms as written), ``entropy_choice`` and ``entropy_arithmetic`` (token-weighted mean nats per role),
+        ``n_problems``, ``n_samples``. Definitions: ``docs/metrics.md``.
     """
-    generator = generator or torch.Generator().manual_seed(0)
     problems = task.problems("test")[:n_problems]
-    n_correct: list[int] = []
-    n_paths: list[int] = []
-    n_faithful = 0
-    ent_choice: list[float] = []
-    ent_arith: list[float] = []
-    ent_first: list[float] = []
-    model.eval()
-    for start in range(0, len(problems), batch_prompts):
-        chunk = problems[start : start + batch_prompts]
-        ids = [tokenizer.encode(p.prompt, add_special_tokens=False) for p in chunk]
-        rollout = sample(model, ids, n=n_samples, max_new_tokens=longest_sequence(task.config) + 4,
-                         temperature=temperature, eos_token_ids=[tokenizer.eos_token_id],
-                         pad_token_id=tokenizer.pad_token_id, generator=generator, vocab_size=len(tokenizer))
-        texts = decode_completions(tokenizer, rollout)
-        entropy_BT = token_entropies(model, rollout).cpu()
-        lengths_B = rollout.lengths_B().long().tolist()
-        completion_ids_BT = rollout.completion_ids_BT.tolist()
-        for i, problem in enumerate(chunk):
-            rows = range(i * n_samples, (i + 1) * n_samples)
-            n_correct.append(sum(task.grade(texts[b], problem.answer) for b in rows))
-            keys = [faithful_path(task, texts[b], problem.meta["terms"]) for b in rows]
-            n_faithful += sum(k is not None for k in keys)
-            n_paths.append(len(set(keys) - {None}))
-        for b in range(len(texts)):
-            ent_T = entropy_BT[b, : lengths_B[b]].tolist()
-            choice_T = order_choice_mask(_aligned_text(tokenizer, completion_ids_BT[b][: lengths_B[b]]))
-            ent_choice += [e for e, c in zip(ent_T, choice_T, strict=True) if c]
-            ent_arith += [e for e, c in zip(ent_T, choice_T, strict=True) if not c]
-            ent_first += ent_T[:1]
+    result = evaluate_problems(
+        model, tokenizer, problems, task, n=n_samples, temperature=temperature, top_p=1.0,
+        max_new_tokens=longest_sequence(task.config) + 4, batch_size=batch_prompts * n_samples,
+        generator=generator or torch.Generator().manual_seed(0), use_chat_template=False,
+    )
+    (m,) = [b.metrics for b in result.benchmarks.values()]
     return {
-        "pass@1": float(np.mean(n_correct)) / n_samples,
-        f"pass@{n_samples}": float(np.mean([pass_at_k(n_samples, c, n_samples) for c in n_correct])),
-        "faithful@1": n_faithful / (len(problems) * n_samples),
-        "distinct_correct_paths": float(np.mean(n_paths)),
-        "entropy_choice": float(np.mean(ent_choice)) if ent_choice else 0.0,
-        "entropy_arithmetic": float(np.mean(ent_arith)) if ent_arith else 0.0,
-        "entropy_first": float(np.mean(ent_first)) if ent_first else 0.0,
+        "pass@1": m["pass@1"],
+        f"pass@{n_samples}": m[f"pass@{n_samples}"],
+        "faithful@1": m["faithful@1"],
+        "distinct_correct_paths": m["distinct_correct_paths"],
+        "reference_path_share": m["reference_path_share"],
+        "entropy_choice": m.get("entropy/choice", 0.0),
+        "entropy_arithmetic": m.get("entropy/arithmetic", 0.0),
         "n_problems": len(problems),
         "n_samples": n_samples,
     }

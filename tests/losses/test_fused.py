@@ -142,6 +142,56 @@ def test_every_preset_matches_plain_path_float64(name: str, chunk: int) -> None:
                 rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("name", ["eopd", "fkl_all"])
+@pytest.mark.parametrize(("dtype", "temperature", "chunk", "tol"), [
+    (torch.float32, 1.0, 6, (1e-4, 1e-5)), (torch.float32, 0.7, 1, (1e-4, 1e-5)),
+    (torch.float64, 0.8, 5, (1e-9, 1e-11)), (torch.float64, 1.0, 1000, (1e-9, 1e-11)),
+])
+@pytest.mark.parametrize("V", [41, 5])  # make_case keeps the top 5: V = 5 is k == V (empty tail)
+def test_topk_tail_sparse_matches_plain_path(
+    name: str, dtype: torch.dtype, temperature: float, chunk: int, tol: tuple[float, float], V: int
+) -> None:
+    """``fkl="topk_tail"`` runs on the sparse kernel and equals the plain path's full-logit tail KL."""
+    cfg = ObjectiveConfig.preset(name, fkl="topk_tail", temperature=temperature)
+    assert is_sparse(cfg)
+    case = make_case(cfg, V=V, dtype=dtype, bias=True, pad_rows=2, ratio_noise=0.5)
+    assert_same(run(reference_objective, cfg, case), run(fused_objective, cfg, case, chunk_size=chunk),
+                rtol=tol[0], atol=tol[1])
+
+
+def test_topk_tail_sparse_keeps_a_tiny_student_tail_exact() -> None:
+    """A student with almost no mass outside the teacher's top-k (q_tail down to ~e^-40) in float32.
+
+    ``1 - sum_k q`` would round to 0 (an infinite loss, silently dropped as an empty tail), and routing the
+    tail gradient through the top-k entries would cancel ``g_tail / q_tail`` there (errors ~1e8): the fused
+    float32 loss and gradients must still match the float64 plain path.
+    """
+    g = torch.Generator().manual_seed(0)
+    N, V, K = 12, 50, 5
+    teacher_logits = torch.randn(N, V, generator=g, dtype=torch.float64) * 1.5
+    scores = score_from_logits(teacher_logits, None, top_k=K)
+    gap_NK = torch.linspace(5.0, 40.0, N, dtype=torch.float64)[:, None].expand(N, K).contiguous()
+    student_logits = torch.randn(N, V, generator=g, dtype=torch.float64).scatter_add(1, scores.topk_ids, gap_NK)
+    tokens = scores.topk_ids[:, 0]
+    logp_old = torch.log_softmax(student_logits, -1).gather(1, tokens[:, None])[:, 0]
+    teacher_logp = torch.log_softmax(teacher_logits, -1).gather(1, tokens[:, None])[:, 0]
+    batch = with_teacher_scores(TokenBatch(tokens=tokens, mask=torch.ones(N), logp_old=logp_old,
+                                           teacher_logp=teacher_logp), scores)
+    cfg = ObjectiveConfig.preset("eopd", fkl="topk_tail", top_k=K, tau=0.0)
+
+    def loss_and_grad(fn, dtype: torch.dtype, **kwargs) -> tuple[float, torch.Tensor]:
+        hidden = student_logits.to(dtype).detach().requires_grad_(True)  # identity lm_head: hidden = logits
+        cast = batch.map(lambda x: x.to(dtype) if x.is_floating_point() else x)
+        out = fn(cfg, hidden, torch.eye(V, dtype=dtype), cast, **kwargs)
+        out.loss.backward()
+        return float(out.loss.detach()), hidden.grad.double()
+
+    want_loss, want_grad = loss_and_grad(reference_objective, torch.float64)
+    got_loss, got_grad = loss_and_grad(fused_objective, torch.float32, chunk_size=5)
+    assert got_loss == pytest.approx(want_loss, rel=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, rtol=0.0, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", [p for p in ALL_PRESETS if ObjectiveConfig.preset(p).needs_teacher_logits])
 def test_precomputed_teacher_logits_match(name: str) -> None:
     cfg = ObjectiveConfig.preset(name, temperature=1.3)
@@ -391,12 +441,21 @@ def test_score_chunked_without_tokens_or_topk_and_bf16() -> None:
     got = score_chunked(hidden, weight, chunk_size=6)
     assert got.logp is None and got.topk_ids is None and got.topk_logprobs is None
     torch.testing.assert_close(got.entropy, score_from_logits(hidden @ weight.T).entropy)
-    low = score_chunked(hidden.bfloat16(), weight.bfloat16(), torch.zeros(20, dtype=torch.long), top_k=3,
-                        chunk_size=6)
-    ref = score_from_logits((hidden.bfloat16() @ weight.bfloat16().T), torch.zeros(20, dtype=torch.long), top_k=3)
+
+
+def test_score_chunked_computes_bf16_models_logits_in_float32() -> None:
+    """A bf16 teacher's log-probs and entropy are those of its exact logits, not of bf16-rounded logits."""
+    g = torch.Generator().manual_seed(6)
+    hidden = (torch.randn(20, 16, generator=g) * 4).bfloat16()
+    weight = (torch.randn(70, 16, generator=g) * 2).bfloat16()  # logits of size ~30: bf16 rounds them by ~0.1
+    tokens = torch.randint(0, 70, (20,), generator=g)
+    low = score_chunked(hidden, weight, tokens, top_k=3, chunk_size=6)
+    exact = score_from_logits(hidden.double() @ weight.double().T, tokens, top_k=3)
+    rounded = score_from_logits((hidden @ weight.T).float(), tokens, top_k=3)
     assert low.entropy.dtype == torch.float32
-    torch.testing.assert_close(low.entropy, ref.entropy, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(low.logp, ref.logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(low.entropy.double(), exact.entropy, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(low.logp.double(), exact.logp, rtol=1e-5, atol=1e-4)
+    assert (rounded.logp.double() - exact.logp).abs().max() > 1e-2  # what bf16 logits would have given
 
 
 def test_score_chunked_rejects_bad_vocab() -> None:

@@ -2,7 +2,8 @@
 
 ``divergences`` (token-level divergences on full logits), ``sampled`` (estimators on sampled tokens),
 ``weights`` (entropy weighting, adaptive tau), ``objectives`` (the composed objective and its presets),
-``fused`` (the chunked lm_head + loss path that never materialises ``[N, V]``).
+``fused`` (the chunked lm_head + loss path that never materialises ``[N, V]``), ``topk_entropy`` (the
+entropy gate from a teacher that serves only top-k log-probs).
 """
 
 from eopd.losses.divergences import (
@@ -36,6 +37,7 @@ from eopd.losses.objectives import (
 )
 from eopd.losses.sampled import importance_weighted_fkl, ppo_clipped_surrogate, sampled_rkl_advantage
 from eopd.losses.scoring import TokenScores, score_chunked, score_from_logits, with_teacher_scores
+from eopd.losses.topk_entropy import gate_undecided, topk_entropy_bounds, topk_entropy_estimate
 from eopd.losses.weights import AdaptiveTau, entropy_quantile, entropy_weight
 
 __all__ = [
@@ -53,6 +55,7 @@ __all__ = [
     "entropy_weight",
     "forward_kl",
     "fused_objective",
+    "gate_undecided",
     "gather_log_probs",
     "generalized_jsd",
     "importance_weighted_fkl",
@@ -72,6 +75,8 @@ __all__ = [
     "summarize",
     "todi",
     "token_losses",
+    "topk_entropy_bounds",
+    "topk_entropy_estimate",
     "topk_forward_kl",
     "topk_forward_kl_with_tail",
     "total_variation",

@@ -19,13 +19,15 @@ memory is ``O(chunk * V)`` plus the ``[V, H]`` weight gradient every path produc
 Two per-chunk kernels produce ``G_CV``:
 
 - *sparse* (``opd``, ``eopd``, ``fkl_all``, ``fkl_random`` and any ``rkl in {ppo, none}``,
-  ``fkl in {topk, importance, none}``): the loss depends on the student only through its log-probs at
-  ``1 + K`` ids per position (sampled token, teacher top-k), so with ``g`` the loss gradient at those ids,
-  ``G = (scatter(g) - softmax(z) * sum(g)) / T``. One ``[C, V]`` buffer: the logits are read once for
-  max / log-sum-exp / entropy (an online softmax over cache-sized column blocks) and rewritten once into
+  ``fkl in {topk, topk_tail, importance, none}``): the loss depends on the student only through its
+  log-probs at ``1 + K`` ids per position (sampled token, teacher top-k), so with ``g`` the loss gradient at
+  those ids, ``G = (scatter(g) - softmax(z) * sum(g)) / T``. One ``[C, V]`` buffer: the logits are read once
+  for max / log-sum-exp / entropy (an online softmax over cache-sized column blocks) and rewritten once into
   ``G`` (``exp``, row scale and shift on each block while it is in cache), then the ``1 + K`` sparse
-  entries are added.
-- *generic* (exact KLs, top-k with tail, JSD, skew KLs, AKL, ToDi, TVD): ``objectives.token_losses`` on
+  entries are added. ``topk_tail`` also reads ``log q_tail``, the student's log-mass outside the top-k: one
+  more read of the logits computes it exactly, and its gradient gets its own row scale outside the top-k
+  (``_tail_gradient``) instead of cancelling against the top-k entries.
+- *generic* (exact KLs, JSD, skew KLs, AKL, ToDi, TVD): ``objectives.token_losses`` on
   the chunk's logits under autograd, with the teacher's chunk of logits recomputed from its hidden states
   (or gathered from precomputed teacher logits). Several ``[C, V]`` temporaries, so smaller chunks.
 
@@ -36,6 +38,7 @@ The plain path (``reference_objective``) stays for reference and tests.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +53,7 @@ from eopd.losses.objectives import (
     TokenWeights,
     objective,
     prepare_weights,
+    require_field,
     sparse_token_losses,
     summarize,
     token_losses,
@@ -69,7 +73,7 @@ from eopd.losses.scoring import (
 Tensor = torch.Tensor
 
 SPARSE_RKL = ("ppo", "none")
-SPARSE_FKL = ("topk", "importance", "none")
+SPARSE_FKL = ("topk", "topk_tail", "importance", "none")
 #: Float32 ``[chunk, V]`` tensors alive at once, used to size the default chunk.
 SPARSE_BUFFERS, GENERIC_BUFFERS = 1, 4
 PART_KEYS = ("loss", "rkl", "fkl", "student_entropy")
@@ -133,15 +137,9 @@ class _Buffers:
     teacher: Tensor | None
 
 
-def _need(value: Tensor | None, what: str, cfg: ObjectiveConfig) -> Tensor:
-    if value is None:
-        raise ValueError(f"objective {cfg.name!r} needs {what} in the TokenBatch")
-    return value
-
-
 def _uses_topk(cfg: ObjectiveConfig, batch: TokenBatch) -> bool:
-    """Whether the sparse loss reads the teacher's top-k: the top-k FKL, or the diagnostic FKL of ``fkl="none"``."""
-    if cfg.fkl == "topk":
+    """Whether the sparse loss reads the teacher's top-k: the top-k FKLs, or the diagnostic FKL of ``fkl="none"``."""
+    if cfg.fkl in ("topk", "topk_tail"):
         return True
     has_topk = batch.teacher_topk_ids is not None and batch.teacher_topk_logprobs is not None
     return cfg.fkl == "none" and has_topk
@@ -152,15 +150,90 @@ def _sparse_ids(cfg: ObjectiveConfig, batch: TokenBatch) -> Tensor:
     tokens = batch.tokens.reshape(-1, 1)
     if not _uses_topk(cfg, batch):
         return tokens
-    return torch.cat([tokens, _need(batch.teacher_topk_ids, "teacher_topk_ids", cfg).to(tokens.dtype)], dim=1)
+    return torch.cat([tokens, require_field(batch.teacher_topk_ids, "teacher_topk_ids", cfg).to(tokens.dtype)], dim=1)
 
 
 def _grad_wrt(loss_C: Tensor, leaf: Tensor, scale: float) -> Tensor:
     """``d (scale * loss_C.sum()) / d leaf`` (zeros when the loss does not depend on ``leaf``)."""
+    return _grads_wrt(loss_C, (leaf,), scale)[0]
+
+
+def _grads_wrt(loss_C: Tensor, leaves: tuple[Tensor, ...], scale: float) -> tuple[Tensor, ...]:
+    """``d (scale * loss_C.sum()) / d leaf`` for each leaf (zeros where the loss does not depend on it)."""
     if not loss_C.requires_grad:
-        return torch.zeros_like(leaf)
-    (grad,) = torch.autograd.grad(loss_C, leaf, grad_outputs=torch.full_like(loss_C, scale), allow_unused=True)
-    return torch.zeros_like(leaf) if grad is None else grad
+        return tuple(torch.zeros_like(leaf) for leaf in leaves)
+    grads = torch.autograd.grad(loss_C, leaves, grad_outputs=torch.full_like(loss_C, scale), allow_unused=True)
+    return tuple(torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads, strict=True))
+
+
+def _tail_logsumexp(z_CV: Tensor, topk_ids_CK: Tensor, tmp_CB: Tensor) -> Tensor:
+    """``logsumexp`` of each row of ``z`` over the ids NOT in ``topk_ids``, ``[C]`` (``-inf`` if none is left).
+
+    Exact where ``log(1 - sum_k softmax(z)_k)`` cancels. The top-k entries of ``z`` are set to ``-inf`` for
+    one online pass over cache-sized column blocks (as ``scoring.softmax_stats``, with a shift that stays
+    finite while a row has seen only ``-inf``) and restored afterwards, so ``z`` is unchanged on return.
+
+    Args:
+        z_CV: ``[C, V]`` scaled float logits (finite).
+        topk_ids_CK: ``[C, K]`` ids to leave out (duplicates allowed).
+        tmp_CB: ``[>= C, B]`` scratch buffer of ``z``'s dtype.
+    """
+    c, v = z_CV.shape
+    z_topk_CK = z_CV.gather(1, topk_ids_CK)
+    z_CV.scatter_(1, topk_ids_CK, float("-inf"))
+    row_max = torch.full((c,), float("-inf"), dtype=z_CV.dtype, device=z_CV.device)
+    sum_exp = torch.zeros_like(row_max)
+    width = tmp_CB.shape[1]
+    for start in range(0, v, width):
+        z_blk = z_CV[:, start : start + width]
+        new_max = torch.maximum(row_max, z_blk.amax(dim=-1))
+        shift = new_max.masked_fill(torch.isneginf(new_max), 0.0)
+        sum_exp.mul_((row_max - shift).exp_())
+        sum_exp.add_(torch.sub(z_blk, shift.unsqueeze(-1), out=tmp_CB[:c, : z_blk.shape[1]]).exp_().sum(dim=-1))
+        row_max = new_max
+    z_CV.scatter_(1, topk_ids_CK, z_topk_CK)
+    return row_max.masked_fill(torch.isneginf(row_max), 0.0) + sum_exp.log()
+
+
+def _tail_gradient(
+    z_CV: Tensor, ids_CK: Tensor, z_ids_CK: Tensor, lse_C: Tensor, lse_rest_C: Tensor, g_CK: Tensor,
+    g_tail_C: Tensor, temperature: float,
+) -> Tensor:
+    """``d loss / d logits`` of a sparse chunk whose loss also reads ``log q_tail``; overwrites ``z``, ``[C, V]``.
+
+    With ``q = softmax(z)``, ``K`` the teacher's top-k ids (``ids[:, 1:]``), ``r_v = q_v / q_tail`` for
+    ``v`` outside ``K``, ``g`` the loss gradient at ``log q(ids)`` and ``g_tail`` at ``log q_tail``::
+
+        d log q_j / d z_v    = 1[v = id_j] - q_v
+        d log q_tail / d z_v = 1[v not in K] r_v - q_v
+        G_v = T^-1 (q_v a + 1[v not in K] g_tail r_v + sum_j g_j 1[v = id_j]),   a = -(sum_j g_j + g_tail)
+
+    Outside ``K`` that is ``q_v c``, ``c = a + g_tail / q_tail``, written in one pass with the scale folded
+    into the exponent (``c`` in float64: ``1 / q_tail`` overflows float32 for a tail below ``e^-88``; gaps
+    beyond 709 nats would overflow float64). The ``K`` entries are then SET to ``q_v a`` and the sparse
+    ``g`` added, so the large ``g_tail / q_tail`` never cancels against ``-g_tail / q_tail`` there, which in
+    float32 would cost a relative error of ``6e-8 / q_tail`` on the top-k entries.
+
+    Args:
+        z_CV: ``[C, V]`` scaled float logits (overwritten by the gradient).
+        ids_CK: ``[C, 1 + K]`` the sampled token, then the teacher's top-k.
+        z_ids_CK: ``[C, 1 + K]`` ``z`` at those ids.
+        lse_C: ``[C]`` ``logsumexp(z)``.
+        lse_rest_C: ``[C]`` ``logsumexp`` over the ids outside ``K`` (``_tail_logsumexp``).
+        g_CK: ``[C, 1 + K]`` loss gradient at ``log q(ids)``.
+        g_tail_C: ``[C]`` loss gradient at ``log q_tail`` (``<= 0``).
+        temperature: ``T``.
+    """
+    a_C = -(g_CK.sum(1) + g_tail_C)
+    has_tail_C = ~torch.isneginf(lse_rest_C) & (g_tail_C != 0)
+    inv_tail_C = (lse_C.double() - lse_rest_C.double().masked_fill(~has_tail_C, 0.0)).exp()
+    c_C = a_C.double() + torch.where(has_tail_C, g_tail_C.double() * inv_tail_C, 0.0)
+    # q_v c / T = sign(c) exp(z_v - (lse + log T - log|c|)); c = 0 gives shift +inf, i.e. exactly 0
+    shift_C = (lse_C.double() + math.log(temperature) - c_C.abs().log()).to(z_CV.dtype)
+    grad_CV = scaled_softmax_(z_CV, shift_C, c_C.sign().to(z_CV.dtype))
+    q_topk_CK = (z_ids_CK[:, 1:] - lse_C.unsqueeze(1)).exp()
+    grad_CV.scatter_(1, ids_CK[:, 1:], q_topk_CK * (a_C / temperature).unsqueeze(1))
+    return grad_CV.scatter_add_(1, ids_CK, g_CK / temperature)
 
 
 def _sparse_chunk(
@@ -176,12 +249,17 @@ def _sparse_chunk(
     z_CV = scaled_float_logits(h_CH, weight_VH, bias_V, t, bufs.logits, bufs.float)
     z_ids_CK = z_CV.gather(1, ids_CK)
     stats = softmax_stats(z_CV, bufs.tmp)
+    lse_rest_C = _tail_logsumexp(z_CV, ids_CK[:, 1:], bufs.tmp) if cfg.fkl == "topk_tail" else None
     with torch.enable_grad():
         logq_CK = (z_ids_CK - stats.lse.unsqueeze(1)).requires_grad_(True)
         logq_topk_CK = logq_CK[:, 1:] if ids_CK.shape[1] > 1 else None
-        parts = sparse_token_losses(cfg, logq_CK[:, 0], logq_topk_CK, batch_c, weights_c)
+        logq_tail_C = None if lse_rest_C is None else (lse_rest_C - stats.lse).requires_grad_(True)
+        parts = sparse_token_losses(cfg, logq_CK[:, 0], logq_topk_CK, batch_c, weights_c, logq_tail_C)
         grad_CV = None
-        if need_grad:
+        if need_grad and logq_tail_C is not None:
+            g_CK, g_tail_C = _grads_wrt(parts["loss"], (logq_CK, logq_tail_C), 1.0 / plan.denom)
+            grad_CV = _tail_gradient(z_CV, ids_CK, z_ids_CK, stats.lse, lse_rest_C, g_CK, g_tail_C, t)
+        elif need_grad:
             # d loss / d z = scatter(g) - softmax(z) * sum(g), softmax(z) = exp(z - m) / S; d z / d logits = 1 / T.
             g_CK = _grad_wrt(parts["loss"], logq_CK, 1.0 / plan.denom)
             coef_C = g_CK.sum(1).div_(stats.sum_exp).neg_().div_(t)

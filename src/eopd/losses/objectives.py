@@ -312,7 +312,8 @@ def _single_divergence(cfg: ObjectiveConfig, student_logits: Tensor, teacher_log
             return D.total_variation(student_logits, teacher_logits, t)
 
 
-def _require(value: Tensor | None, what: str, cfg: ObjectiveConfig) -> Tensor:
+def require_field(value: Tensor | None, what: str, cfg: ObjectiveConfig) -> Tensor:
+    """``value``, or a ValueError saying that objective ``cfg`` needs the TokenBatch field ``what``."""
     if value is None:
         raise ValueError(f"objective {cfg.name!r} needs {what} in the TokenBatch")
     return value
@@ -354,7 +355,7 @@ def token_losses(
         },
     )
     if cfg.divergence is not None:
-        teacher_logits = _require(batch.teacher_logits, "teacher_logits", cfg)
+        teacher_logits = require_field(batch.teacher_logits, "teacher_logits", cfg)
         loss = torch.where(mask, _single_divergence(cfg, student_logits, teacher_logits), zeros)
         parts = {"loss": loss, "rkl": zeros, "fkl": zeros}
     else:
@@ -363,13 +364,13 @@ def token_losses(
         # read only by the top-k FKL and by the diagnostic FKL of objectives without one
         logq_topk = logq.gather(-1, ids) if ids is not None and cfg.fkl in ("topk", "none") else None
         exact = cfg.rkl == "exact" or cfg.fkl == "exact"  # teacher log-probs once for both exact terms
-        logp_T = D.log_probs(_require(batch.teacher_logits, "teacher_logits", cfg), t) if exact else None
+        logp_T = D.log_probs(require_field(batch.teacher_logits, "teacher_logits", cfg), t) if exact else None
         rkl = D.kl_from_log_probs(logq, logp_T) if cfg.rkl == "exact" else _sampled_rkl(cfg, logq_tok, batch, zeros)
         if cfg.fkl == "exact":
             fkl = D.kl_from_log_probs(logp_T, logq)
         elif cfg.fkl == "topk_tail":
-            fkl = D.topk_forward_kl_with_tail(student_logits, _require(ids, "teacher_topk_ids", cfg),
-                                              _require(batch.teacher_topk_logprobs, "teacher_topk_logprobs", cfg), t)
+            topk_lp = require_field(batch.teacher_topk_logprobs, "teacher_topk_logprobs", cfg)
+            fkl = D.topk_forward_kl_with_tail(student_logits, require_field(ids, "teacher_topk_ids", cfg), topk_lp, t)
         else:
             fkl = _sampled_fkl(cfg, logq_tok, logq_topk, batch, zeros)
         parts = _assemble(cfg, rkl, fkl, logq_topk, batch, weights)
@@ -378,28 +379,35 @@ def token_losses(
 
 
 def sparse_token_losses(
-    cfg: ObjectiveConfig, logq_tok: Tensor, logq_topk: Tensor | None, batch: TokenBatch, weights: TokenWeights
+    cfg: ObjectiveConfig, logq_tok: Tensor, logq_topk: Tensor | None, batch: TokenBatch, weights: TokenWeights,
+    logq_tail: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """``token_losses`` from the student's log-probs at the ids a sparse objective reads, not full logits.
 
-    Sparse objectives (``rkl in {ppo, none}``, ``fkl in {topk, importance, none}``) see the student only at the
-    sampled token and the teacher's top-k ids, which is what lets the fused path skip full logits. It shares
-    every term with ``token_losses`` (the same helpers), so the two cannot drift apart.
+    Sparse objectives (``rkl in {ppo, none}``, ``fkl in {topk, topk_tail, importance, none}``) see the student
+    only at the sampled token, the teacher's top-k ids and (``topk_tail``) the student's mass outside them,
+    ``q_tail = 1 - sum_k q``, which is what lets the fused path skip full logits. It shares every term with
+    ``token_losses`` (the same helpers), so the two cannot drift apart; ``topk_tail`` is checked against the
+    plain path's independent ``divergences.topk_forward_kl_with_tail`` instead.
 
     Args:
         cfg: A sparse objective.
         logq_tok: ``[...]`` student log-prob of the sampled token (carries gradient).
-        logq_topk: ``[..., K]`` student log-probs at the teacher's top-k ids (``fkl == "topk"``, or the
-            diagnostic FKL of ``fkl == "none"``), else ``None``.
+        logq_topk: ``[..., K]`` student log-probs at the teacher's top-k ids (``fkl in {topk, topk_tail}``,
+            or the diagnostic FKL of ``fkl == "none"``), else ``None``.
         batch: The positions' inputs.
         weights: From ``prepare_weights``.
+        logq_tail: ``[...]`` ``log q_tail`` (``fkl == "topk_tail"`` only), an input of its own rather than
+            ``log(1 - sum exp(logq_topk))``: that difference cancels in float32 (``-inf`` once
+            ``q_tail < 6e-8``), so the caller computes it from the logits outside the top-k (a log-sum-exp,
+            exact) and maps its gradient back to the logits (``fused._tail_logsumexp``, ``fused._tail_gradient``).
 
     Returns:
         ``"loss"`` (with gradient), ``"rkl"``, ``"fkl"`` (detached), all ``[...]`` and 0 where masked.
     """
     zeros = torch.zeros(batch.mask.shape, dtype=logq_tok.dtype, device=logq_tok.device)
     rkl = _sampled_rkl(cfg, logq_tok, batch, zeros)
-    fkl = _sampled_fkl(cfg, logq_tok, logq_topk, batch, zeros)
+    fkl = _sampled_fkl(cfg, logq_tok, logq_topk, batch, zeros, logq_tail)
     return _assemble(cfg, rkl, fkl, logq_topk, batch, weights)
 
 
@@ -407,24 +415,51 @@ def _sampled_rkl(cfg: ObjectiveConfig, logq_tok: Tensor, batch: TokenBatch, zero
     """The PPO-clipped reverse KL on sampled tokens (``rkl == "ppo"``), else zeros."""
     if cfg.rkl != "ppo":
         return zeros
-    logp_old = _require(batch.logp_old, "logp_old", cfg)
-    adv = sampled_rkl_advantage(_require(batch.teacher_logp, "teacher_logp", cfg), logp_old)
+    logp_old = require_field(batch.logp_old, "logp_old", cfg)
+    adv = sampled_rkl_advantage(require_field(batch.teacher_logp, "teacher_logp", cfg), logp_old)
     return ppo_clipped_surrogate(logq_tok, logp_old, adv, cfg.clip_eps)
 
 
 def _sampled_fkl(
-    cfg: ObjectiveConfig, logq_tok: Tensor, logq_topk: Tensor | None, batch: TokenBatch, zeros: Tensor
+    cfg: ObjectiveConfig, logq_tok: Tensor, logq_topk: Tensor | None, batch: TokenBatch, zeros: Tensor,
+    logq_tail: Tensor | None = None,
 ) -> Tensor:
-    """The forward KL from sampled tokens (``importance``) or the teacher's top-k (``topk``), else zeros."""
+    """The forward KL from sampled tokens (``importance``) or the teacher's top-k (``topk``, ``topk_tail``)."""
     if cfg.fkl == "importance":
         return importance_weighted_fkl(
-            logq_tok, _require(batch.logp_old, "logp_old", cfg), _require(batch.teacher_logp, "teacher_logp", cfg),
+            logq_tok,
+            require_field(batch.logp_old, "logp_old", cfg),
+            require_field(batch.teacher_logp, "teacher_logp", cfg),
             cfg.is_max_weight,
         )
     if cfg.fkl == "topk":
-        topk_lp = _require(batch.teacher_topk_logprobs, "teacher_topk_logprobs", cfg)
-        return D.topk_kl_from_student_logprobs(_require(logq_topk, "teacher_topk_ids", cfg), topk_lp)
+        topk_lp = require_field(batch.teacher_topk_logprobs, "teacher_topk_logprobs", cfg)
+        return D.topk_kl_from_student_logprobs(require_field(logq_topk, "teacher_topk_ids", cfg), topk_lp)
+    if cfg.fkl == "topk_tail":
+        topk_lp = require_field(batch.teacher_topk_logprobs, "teacher_topk_logprobs", cfg)
+        if logq_tail is None:
+            raise ValueError(f"objective {cfg.name!r} (fkl='topk_tail') on the sparse path needs logq_tail")
+        return _topk_tail_kl(require_field(logq_topk, "teacher_topk_ids", cfg), logq_tail, topk_lp)
     return zeros
+
+
+def _topk_tail_kl(logq_topk: Tensor, logq_tail: Tensor, teacher_topk_logprobs: Tensor) -> Tensor:
+    """KL on K + 1 outcomes (top-k ids, one tail bucket) from the student's sparse log-probs; ``[...]``.
+
+    ``sum_k p(v_k) log(p(v_k) / q(v_k)) + p_tail log(p_tail / q_tail)``, ``p_tail = 1 - sum_k p``: the value of
+    ``divergences.topk_forward_kl_with_tail``. Where the student's tail is empty (``logq_tail = -inf``: k = V,
+    or only ``-inf`` rows left) ``p_tail``, known only to rounding, is taken as 0, as there.
+
+    Args:
+        logq_topk: ``[..., K]`` student log-probs at the teacher's top-k ids.
+        logq_tail: ``[...]`` student log-mass outside them.
+        teacher_topk_logprobs: ``[..., K]`` teacher log-probs of its top-k ids.
+    """
+    logp_K = D.upcast(teacher_topk_logprobs)
+    tail_empty = torch.isneginf(logq_tail).unsqueeze(-1)
+    logp_tail = D.log1mexp(torch.logsumexp(logp_K, dim=-1, keepdim=True)).masked_fill(tail_empty, float("-inf"))
+    logq = torch.cat([D.upcast(logq_topk), D.upcast(logq_tail).unsqueeze(-1)], -1)
+    return D.kl_from_log_probs(torch.cat([logp_K, logp_tail], -1), logq)
 
 
 def _assemble(

@@ -258,8 +258,8 @@ def score_chunked(
 ) -> TokenScores:
     """Entropy, top-k and sampled-token log-probs of ``softmax((hidden @ W.T + b) / T)``, chunk by chunk.
 
-    Never holds more than one chunk of logits: one ``[chunk, V]`` buffer (plus a float32 copy in low
-    precision) and a small scratch block.
+    Never holds more than one chunk of logits: one float32 ``[chunk, V]`` buffer and a small scratch block;
+    the logits are computed in float32 from any input dtype (see the comment in the body).
     Equals ``score_from_logits(hidden @ W[:V].T + b, ...)`` to float32 rounding.
 
     Args:
@@ -280,17 +280,18 @@ def score_chunked(
     lead = hidden.shape[:-1]
     hidden_NH = hidden.reshape(-1, hidden.shape[-1])
     tokens_N = None if tokens is None else tokens.reshape(-1)
-    weight, bias_v = used_weight(weight_VH.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype),
-                                 vocab_size)
+    # Logits in float32 even for a bf16/fp16 model: a bf16 matmul output rounds logits of size ~30 by up to
+    # ~0.1, which moves log-probs and entropies by as much. The used lm_head rows are upcast once per call
+    # (Qwen3-8B: 2.5 GB, transient) and each chunk of hidden states as it is used.
+    fdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    weight, bias_v = used_weight(weight_VH, bias, vocab_size)
+    weight, bias_v = weight.to(fdt), None if bias_v is None else bias_v.to(fdt)
     n, v = hidden_NH.shape[0], weight.shape[0]
     if top_k > v:
         raise ValueError(f"top_k {top_k} exceeds the vocabulary size {v}")
-    low = float_buffer_needed(hidden.dtype)
-    chunk = balanced_chunk(n, chunk_size or default_chunk_size(v, buffers=2 if low else 1, device=hidden.device))
+    chunk = balanced_chunk(n, chunk_size or default_chunk_size(v, buffers=1, device=hidden.device))
     c0 = max(1, min(chunk, n))
-    logits_buf = hidden_NH.new_empty(c0, v)
-    float_buf = torch.empty(c0, v, device=hidden.device) if low else None
-    fdt = torch.float32 if low else hidden.dtype
+    logits_buf = torch.empty(c0, v, dtype=fdt, device=hidden.device)
     tmp = scratch_buffer(c0, v, fdt, hidden.device)
     logp = None if tokens_N is None else torch.empty(n, dtype=fdt, device=hidden.device)
     ent = torch.empty(n, dtype=fdt, device=hidden.device)
@@ -298,7 +299,7 @@ def score_chunked(
     topk_lp = torch.empty(n, top_k, dtype=fdt, device=hidden.device)
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
-        z = scaled_float_logits(hidden_NH[start:end], weight, bias_v, temperature, logits_buf, float_buf)
+        z = scaled_float_logits(hidden_NH[start:end].to(fdt), weight, bias_v, temperature, logits_buf, None)
         stats = softmax_stats(z, tmp)
         ent[start:end] = stats.entropy
         if top_k:

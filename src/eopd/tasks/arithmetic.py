@@ -11,11 +11,17 @@ steps are joined by ``,`` and ``;`` introduces the final answer. Any order of th
 so the digits that *name a term* are genuine choices (high entropy for a teacher that learned several
 orders) while every other character (sums, separators, the answer) is determined by what came before.
 
-Path key: the values in the order the completion consumed them, comma-joined, e.g. ``"7,3,5,2"`` for the
-completion above (``"2,5,3,7"`` for right to left). Values rather than prompt positions because the key is
-read from the completion alone and equal terms are interchangeable (``3+3+5+2``: either ``3`` first is
-the same path). The first pair keeps its written order (``7+3`` and ``3+7`` are different token choices).
-``None`` when the completion is not a well-formed chain (see ``parse_chain``).
+Path key (``ArithmeticTask.path_key``): the values in the order the completion consumed them, comma-joined,
+e.g. ``"7,3,5,2"`` for the completion above (``"2,5,3,7"`` for right to left). Values rather than prompt
+positions because equal terms are interchangeable (``3+3+5+2``: either ``3`` first is the same path). The
+first pair keeps its written order (``7+3`` and ``3+7`` are different token choices). ``None`` unless the
+completion is a faithful solution of its problem: a well-formed, arithmetically right chain (``parse_chain``)
+over exactly the prompt's terms, so a chain that miscopies a term and lands on the right total by luck
+names no path.
+
+Token roles (``ArithmeticTask.token_roles``): ``"choice"`` for the tokens that name a term while >= 2 remain
+(``order_choice_mask``), ``"arithmetic"`` for every other token (sums, separators, the answer, EOS). The
+evaluation reports the model's entropy per role.
 
 Order styles (how training traces pick an order): ``as_written`` (left to right), ``right_to_left``,
 ``largest_first`` / ``smallest_first`` (by value, ties in prompt order) and ``random`` (a uniform
@@ -29,12 +35,14 @@ import random
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from eopd.tasks.base import Problem
 
 STYLES: tuple[str, ...] = ("as_written", "right_to_left", "largest_first", "smallest_first", "random")
+CHOICE, ARITHMETIC = "choice", "arithmetic"  # token roles
 _STEP_RE = re.compile(r"^(\d+)\+(\d+)=(\d+)$")
 
 
@@ -208,6 +216,28 @@ def order_choice_mask(completion: str) -> list[bool]:
     return mask
 
 
+def aligned_text(tokenizer: Any, token_ids: Sequence[int]) -> str:
+    """One character per token: the token's own character, ``"?"`` for a special token (EOS, pad, unk).
+
+    Lets per-character roles (``order_choice_mask``) index per-token values even when a sample emits
+    special tokens mid-way (which ``decode(skip_special_tokens=True)`` would drop, shifting positions).
+
+    Raises:
+        ValueError: a token is longer than one character (not a character-level tokenizer).
+    """
+    special = set(tokenizer.all_special_ids)
+    chars = []
+    for i, piece in zip(token_ids, tokenizer.convert_ids_to_tokens(list(token_ids)), strict=True):
+        if i in special:
+            chars.append("?")
+        elif len(piece) != 1:
+            raise ValueError(f"arithmetic token roles need one token per character (a character tokenizer such as "
+                             f"the embedded one); token {piece!r} spans {len(piece)}")
+        else:
+            chars.append(piece)
+    return "".join(chars)
+
+
 def final_answer(completion: str) -> str | None:
     """The text after the last ``;`` (stripped), or None when there is no ``;``."""
     if ";" not in completion:
@@ -243,6 +273,12 @@ class ArithmeticTask:
             splits["test" if i in test_idx else "train"].append(problem)
         return splits
 
+    def describe(self) -> str:
+        """Where the prompts come from, for the run log."""
+        c = self.config
+        return (f"train: {c.num_prompts - c.test_size:,} arithmetic prompts ({c.num_terms} terms, digits "
+                f"{c.min_digit}-{c.max_digit}); eval: {c.test_size} held out (split seed {c.split_seed})")
+
     def problems(self, split: str) -> list[Problem]:
         """Problems of ``"train"`` or ``"test"`` (a fresh list; the split itself is cached)."""
         if split not in ("train", "test"):
@@ -262,12 +298,20 @@ class ArithmeticTask:
 
     def reference_path(self, problem: Problem) -> str:
         """The base student's path: the terms as written (the key ``path_key`` gives that order)."""
-        return ",".join(str(t) for t in problem.meta["terms"])
+        return ",".join(str(t) for t in parse_prompt(problem.prompt))
 
-    def path_key(self, completion: str) -> str | None:
-        """The consumed term values, comma-joined (``"7,3,5,2"``), or None for a malformed chain."""
+    def path_key(self, completion: str, problem: Problem) -> str | None:
+        """The consumed term values, comma-joined (``"7,3,5,2"``), when the completion is a correct chain over
+        exactly the problem's terms; None otherwise (malformed or wrong chain, a term missing or miscopied)."""
         values = parse_chain(completion)
-        return None if values is None else ",".join(str(v) for v in values)
+        if values is None or sorted(values) != sorted(parse_prompt(problem.prompt)):
+            return None
+        return ",".join(str(v) for v in values)
+
+    def token_roles(self, tokenizer: Any, token_ids: Sequence[int]) -> list[str]:
+        """The role of each completion token, ``[T]``: ``"choice"`` where it names a term while >= 2 remain,
+        ``"arithmetic"`` elsewhere (special tokens such as EOS included). Needs a character tokenizer."""
+        return [CHOICE if m else ARITHMETIC for m in order_choice_mask(aligned_text(tokenizer, token_ids))]
 
 
 def _normalised(mixture: Mapping[str, float]) -> tuple[list[str], list[float]]:

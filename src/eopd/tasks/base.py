@@ -2,12 +2,24 @@
 
 A task is a list of problems (prompt text + gold answer) and a grader. Tasks whose reasoning can take
 several valid paths also expose ``path_key`` so diversity (distinct correct paths) can be measured.
+Bad task data (a missing file, a malformed row, an unreachable dataset) raises ``DataError``: one line that
+names the source, the row and field, and the fix, which the command line prints without a traceback.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
+
+from eopd.errors import UserError
+
+
+class DataError(UserError, ValueError):
+    """Task data is unusable; the one-line message names the source, the row/field and how to fix it."""
+
+
+class MissingDataError(DataError, FileNotFoundError):
+    """A data file, folder or benchmark named by the user does not exist (also a ``FileNotFoundError``)."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,15 @@ class Task(Protocol):
         """Whether a completion's final answer equals the gold answer."""
         ...
 
-    def path_key(self, completion: str) -> str | None:
-        """A key naming the reasoning path a completion took (None when not applicable)."""
+    def describe(self) -> str:
+        """One line for the run log: where the train and eval prompts come from and how many there are."""
         ...
+
+
+# Optional methods a task may add (looked up with getattr by the evaluation):
+#   answer_of(completion) -> str | None           the stated final answer (distinct answers)
+#   path_key(completion, problem) -> str | None   the reasoning path of a completion that faithfully solves
+#       problem, else None; one definition for teacher and student rows (docs/metrics.md, "Paths"); tasks
+#       without enumerable paths (math) leave it out and no path metric is reported
+#   reference_path(problem) -> str                the base student's path (reference_path_share)
+#   token_roles(tokenizer, token_ids) -> list[str]  a role per completion token (entropy by role)

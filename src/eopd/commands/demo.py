@@ -1,0 +1,53 @@
+"""``eopd demo``: the embedded default, end to end on a laptop CPU (see ``eopd.demo``)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import yaml
+
+from eopd.demo import DEMO_CONFIG, plan_from_args
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``eopd demo`` argument parser."""
+    p = argparse.ArgumentParser(prog="eopd demo", description="The embedded default: build a multi-path "
+                                "arithmetic world here, distil its base student with several objectives, report.")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="smoke test (~20 s): structure, not numbers")
+    mode.add_argument("--full", action="store_true", help="every objective, 5 seeds")
+    p.add_argument("--config", default=str(DEMO_CONFIG), help="demo config (modes, world, training recipe)")
+    p.add_argument("--output-dir", default="runs/demo", help="where runs, report.md and plots go")
+    p.add_argument("--workers", type=int, default=2, help="runs in parallel (one thread each)")
+    p.add_argument("--objectives", help="comma-separated objectives instead of the mode's; a variant "
+                   "PRESET[key=value,...] adds eopd train overrides, e.g. opd,eopd,eopd[loss.alpha=0.25]")
+    p.add_argument("--seeds", type=int, help="number of seeds instead of the mode's")
+    p.add_argument("--steps", type=int, help="steps per run instead of the mode's")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the training recipe of every run (eopd train keys, e.g. optim.lr=3e-4)")
+    p.add_argument("--cache-dir", help="world cache (default: $EOPD_CACHE or ~/.cache/eopd/world)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    """Run ``eopd demo``; returns the exit code. Every run's config is validated before any world is built."""
+    from eopd.demo import run_demo
+
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        config = yaml.safe_load(Path(args.config).read_text())
+        mode = "quick" if args.quick else "full" if args.full else "default"
+        plan = plan_from_args(config, mode, args.objectives, args.seeds, args.steps, args.set)
+    except (OSError, ValueError) as e:
+        p.error(str(e))
+    run_demo(config, plan, Path(args.output_dir), workers=args.workers, cache_dir=args.cache_dir,
+             command=shlex.join(["eopd", "demo", *argv]))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))

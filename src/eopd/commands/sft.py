@@ -1,0 +1,116 @@
+"""``eopd sft``: train a small causal LM from scratch on any task's (prompt, completion) traces.
+
+The command reads a JSONL file, builds a character tokenizer over the traces' characters and a tiny Qwen3,
+trains it with ``eopd.sft.train_sft`` and writes an ordinary Hugging Face folder (never over an existing
+one)::
+
+    eopd sft --data traces.jsonl --output-dir out/model --hidden-size 96 --layers 3 --steps 2000
+
+Bad input (a missing file, a malformed line, an existing output folder, an impossible budget) ends with
+one line on stderr and exit code 2, before any training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from eopd.commands import run_command
+from eopd.config import ConfigError
+from eopd.folders import atomic_folder, save_model_folder
+from eopd.sft import SFTConfig, train_sft
+from eopd.tasks import DataError
+from eopd.tasks.sources import read_json_rows
+
+
+def read_pairs(path: Path) -> list[tuple[str, str]]:
+    """``(prompt, completion)`` pairs of a JSONL file, one ``{"prompt": ..., "completion": ...}`` per line,
+    read through the shared reader of prompt files (``eopd.tasks.sources``).
+
+    Raises:
+        DataError: the file is missing or malformed (named with its line), a row lacks a text ``prompt`` or
+            ``completion``, or the file holds no examples.
+    """
+    pairs = []
+    for row_no, row in read_json_rows(path):
+        if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
+            raise DataError(f'{path}: line {row_no}: expected a JSON object {{"prompt": "...", "completion": "..."}} '
+                            f"with text values, got fields {sorted(row)}")
+        pairs.append((row["prompt"], row["completion"]))
+    if not pairs:
+        raise DataError(f"--data {str(path)!r} holds no examples; write one JSON object per line")
+    return pairs
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="eopd sft",
+        description="Supervised training of a small causal LM (a tiny Qwen3 with a character tokenizer) from "
+        "scratch on (prompt, completion) traces. The loss covers the completion and its EOS only.",
+    )
+    p.add_argument("--data", type=Path, required=True, help='JSONL, one {"prompt": ..., "completion": ...} per line')
+    p.add_argument("--output-dir", type=Path, required=True,
+                   help="the model folder to write (save_pretrained); it must not exist yet")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 1000; warmup shrinks to fit)")
+    p.add_argument("--batch-size", type=int, help="examples per step (default 64)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
+    p.add_argument("--seed", type=int, help="batch-order and initialisation seed (default 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own setting)")
+    g = p.add_argument_group("model size (a tiny Qwen3)")
+    g.add_argument("--hidden-size", type=int, default=96)
+    g.add_argument("--layers", type=int, default=3)
+    g.add_argument("--heads", type=int, default=4)
+    g.add_argument("--kv-heads", type=int, default=2)
+    g.add_argument("--intermediate-size", type=int, default=288)
+    return p
+
+
+def with_overrides(cfg: SFTConfig, args: argparse.Namespace) -> SFTConfig:
+    """``cfg`` with the command line's budget flags applied (warmup shrunk to 10% if it no longer fits)."""
+    changes = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+               "num_threads": args.threads}
+    merged = asdict(cfg) | {k: v for k, v in changes.items() if v is not None}
+    if merged["warmup_steps"] >= merged["steps"]:
+        merged["warmup_steps"] = merged["steps"] // 10
+    return SFTConfig(**merged)
+
+
+def print_step(step: int, loss: float, lr: float) -> None:
+    """The progress line of a supervised run (an ``on_step`` callback)."""
+    print(f"  step {step:>6}  loss {loss:.4f}  lr {lr:.2e}", flush=True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from eopd.models import build_tiny_qwen3
+    from eopd.tokenizer import alphabet_of, build_char_tokenizer
+
+    cfg = with_overrides(SFTConfig(), args)
+    examples = read_pairs(args.data)
+    try:
+        tokenizer = build_char_tokenizer(alphabet_of(p + c for p, c in examples))
+    except ValueError as err:
+        raise DataError(f"--data {str(args.data)!r}: {err}") from None
+    longest = max(len(p) + len(c) for p, c in examples) + 1
+    try:
+        model = build_tiny_qwen3(
+            len(tokenizer), hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads,
+            num_kv_heads=args.kv_heads, intermediate_size=args.intermediate_size,
+            max_position_embeddings=max(64, 2 * longest), seed=cfg.seed,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        )
+    except ValueError as err:
+        raise ConfigError(f"model size: {err}") from None
+    with atomic_folder(args.output_dir) as tmp:  # refuses an existing folder before any training
+        start = time.perf_counter()
+        train_sft(model, tokenizer, examples, cfg, on_step=print_step)
+        save_model_folder(tmp, model, tokenizer)
+    print(f"trained on {len(examples)} examples in {time.perf_counter() - start:.1f}s -> {args.output_dir}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """Run ``eopd sft``; returns the exit code (2 on bad input, 130 when interrupted)."""
+    args = _parser().parse_args(argv)
+    return run_command("eopd sft", lambda: _run(args))

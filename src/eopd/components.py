@@ -1,0 +1,206 @@
+"""Everything one distillation run holds, built from its config: processes, models, data, optimizer, RNG.
+
+``build_components(cfg)`` is the set-up half of ``eopd train``; the loop (``eopd.trainer``) only reads and
+steps what it returns. Kept apart so a test can build a run's pieces without running it, and so the loop
+file stays one screen.
+
+Processes: one CPU, one GPU, or several processes under ``torchrun`` / ``accelerate launch`` with DDP. Each
+process samples its share of every step's prompts; losses are normalised by the valid-token count summed
+over all processes. FSDP is not supported yet: the fused loss reads the lm_head weight outside the wrapped
+module and sampling and saving use the unwrapped model, which is only correct when every process holds
+the full weights (DDP).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eopd import checkpoint as ckpt
+from eopd.config import ConfigError, TrainConfig
+from eopd.losses import AdaptiveTau, ObjectiveConfig
+from eopd.models import (
+    aligned_vocab_size,
+    build_tiny_checkpoint,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
+from eopd.optim import build_optimizer, build_scheduler
+from eopd.prompting import encode_prompts, eos_token_ids
+from eopd.tasks import build_task
+from eopd.tasks.base import Problem, Task
+from eopd.teacher import HFTeacher, Teacher
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class LoopState:
+    """Counters that, with model/optimizer/scheduler/generators, define where a run is."""
+
+    step: int = 0
+    data_position: int = 0
+    updates: int = 0
+
+
+@dataclass
+class Components:
+    """One run's pieces. ``student`` is the plain model (sampled, saved); ``model`` is the same student as
+    prepared by accelerate (DDP-wrapped under several processes), used for the loss forward."""
+
+    cfg: TrainConfig
+    obj: ObjectiveConfig
+    accelerator: Any
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    tokenizer: Any
+    student: torch.nn.Module
+    model: torch.nn.Module
+    teacher_model: torch.nn.Module | None
+    teacher: Teacher
+    vocab_size: int
+    eos_ids: list[int]
+    task: Task
+    problems: list[Problem]
+    prompt_ids: list[list[int]]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generators: dict[str, torch.Generator]
+    adaptive: AdaptiveTau | None
+    state: LoopState
+    resume_from: Path | None
+    out: Path
+
+    @property
+    def world(self) -> int:
+        """Number of processes."""
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        """This process's index."""
+        return self.accelerator.process_index
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes files and prints."""
+        return self.accelerator.is_main_process
+
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer updates per step: PPO epochs x minibatches."""
+        return self.cfg.optim.ppo_epochs * self.cfg.rollout.batch_size // self.cfg.optim.minibatch_size
+
+    def reduce_sum(self, x: Tensor) -> Tensor:
+        """Sum over processes (identity on one)."""
+        return self.accelerator.reduce(x, reduction="sum") if self.world > 1 else x
+
+    @contextmanager
+    def autocast(self) -> Iterator[None]:
+        """bf16/fp16 autocast on GPU when ``models.dtype`` asks for it; nothing on CPU."""
+        if self.autocast_dtype is None:
+            yield
+        else:
+            with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
+                yield
+
+
+def ensure_models(cfg: TrainConfig) -> None:
+    """Build the tiny random models a config asks for (``models.build_*``) when their folders are missing."""
+    m = cfg.models
+    for path, spec in ((m.teacher, m.build_teacher), (m.student, m.build_student)):
+        if spec is not None and not Path(path).expanduser().is_dir():
+            build_tiny_checkpoint(path, alphabet=m.build_alphabet, **dataclasses.asdict(spec))
+
+
+def check_process_count(cfg: TrainConfig, world: int) -> None:
+    """Batch sizes must split evenly over the processes."""
+    r, o = cfg.rollout, cfg.optim
+    if r.prompts_per_step % world or o.minibatch_size % world:
+        raise ConfigError(f"rollout.prompts_per_step ({r.prompts_per_step}) and optim.minibatch_size "
+                          f"({o.minibatch_size}) must be divisible by the number of processes ({world})")
+    if cfg.eval.every and cfg.eval.problems < world:
+        raise ConfigError(f"eval.problems ({cfg.eval.problems}) must be at least the number of processes "
+                          f"({world}): each process evaluates its share")
+
+
+def make_generators(seed: int, rank: int, device: torch.device) -> dict[str, torch.Generator]:
+    """Seeded generators for sampling, minibatch shuffling and loss randomness (never the global RNG)."""
+    gen_device = device if device.type == "cuda" else torch.device("cpu")
+    base = seed * 1_000_003 + rank * 7919
+    return {name: torch.Generator(device=gen_device).manual_seed(base + i)
+            for i, name in enumerate(("sample", "shuffle", "loss"))}
+
+
+def build_components(cfg: TrainConfig) -> Components:
+    """Processes, models, prompts, optimizer and generators of a run (resumed from a checkpoint when asked)."""
+    from accelerate import Accelerator
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress line is the one to read
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    accelerator = Accelerator(cpu=resolve_device(cfg.models.device).type == "cpu")
+    device = accelerator.device
+    check_process_count(cfg, accelerator.num_processes)
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        ensure_models(cfg)
+    accelerator.wait_for_everyone()
+
+    resume_from = ckpt.latest_checkpoint(out) if cfg.resume else None
+    if cfg.resume and resume_from is None and accelerator.is_main_process:
+        print(f"resume=true but {out / 'checkpoints'} holds no complete checkpoint: starting fresh", flush=True)
+    m = cfg.models
+    dtype = resolve_dtype(m.dtype, device)
+    tokenizer = load_tokenizer(m.tokenizer or m.student, m.trust_remote_code)
+    student = load_causal_lm(resume_from / "model" if resume_from else m.student, device=device,
+                             dtype=torch.float32, trust_remote_code=m.trust_remote_code)
+    teacher_model = load_causal_lm(m.teacher, device=device, dtype=dtype, trust_remote_code=m.trust_remote_code)
+    teacher_model.requires_grad_(False)
+    vocab_size = aligned_vocab_size(teacher_model, student, tokenizer)
+    obj = cfg.objective_config()
+    if obj.top_k > vocab_size:
+        raise ConfigError(f"loss.top_k: {obj.top_k} exceeds the vocabulary ({vocab_size} tokens)")
+    teacher = HFTeacher(teacher_model, vocab_size, cfg.rollout.temperature, cfg.optim.micro_batch_size,
+                        cfg.chunk_size)
+
+    task = build_task(cfg.data)
+    problems = task.problems(cfg.data.split)[: cfg.data.limit]
+    if not problems:
+        raise ConfigError(f"data: split {cfg.data.split!r} of task {cfg.data.task!r} has no prompts")
+    if cfg.eval.every:
+        task.problems(cfg.eval.split)  # a missing eval source fails now, not at the first evaluation
+    prompt_ids = encode_prompts(tokenizer, [p.prompt for p in problems], chat_template=cfg.data.chat_template,
+                                template_kwargs=cfg.data.chat_template_kwargs)
+
+    o = cfg.optim
+    optimizer = build_optimizer(student.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+    updates = o.ppo_epochs * cfg.rollout.batch_size // o.minibatch_size
+    # the scheduler is NOT prepared by accelerate: it would step once per process per call
+    scheduler = build_scheduler(optimizer, total_updates=cfg.max_steps * updates, warmup_updates=o.warmup_steps,
+                                min_lr_ratio=o.min_lr_ratio)
+    model, optimizer = accelerator.prepare(student, optimizer)
+    adaptive = AdaptiveTau(obj.adaptive_share, obj.adaptive_momentum) if obj.adaptive_share is not None else None
+    c = Components(
+        cfg=cfg, obj=obj, accelerator=accelerator, device=device,
+        autocast_dtype=dtype if (device.type == "cuda" and dtype != torch.float32) else None,
+        tokenizer=tokenizer, student=student, model=model, teacher_model=teacher_model, teacher=teacher,
+        vocab_size=vocab_size, eos_ids=eos_token_ids(tokenizer, student), task=task, problems=problems,
+        prompt_ids=prompt_ids, optimizer=optimizer, scheduler=scheduler,
+        generators=make_generators(cfg.seed, accelerator.process_index, device), adaptive=adaptive,
+        state=LoopState(), resume_from=resume_from, out=out,
+    )
+    if resume_from is not None:
+        loop = ckpt.restore_state(ckpt.load_trainer_state(resume_from), optimizer=optimizer, scheduler=scheduler,
+                                  generators=c.generators, adaptive=adaptive, rank=c.rank, world=c.world)
+        c.state = LoopState(**loop)
+    return c

@@ -1,0 +1,134 @@
+"""Bad input on the data path gives ONE line that names what is wrong and how to fix it, as an exception the
+command line prints without a traceback (``UserError``): prompt files, rows, fields, Hub ids, the data config."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import datasets
+import huggingface_hub.constants
+import pytest
+
+from eopd.config import ConfigError, DataConfig, from_dict
+from eopd.errors import UserError
+from eopd.tasks import DataError, MissingDataError, build_task
+
+
+def _data(**fields: Any) -> DataConfig:
+    return from_dict(DataConfig, fields, prefix="data.")
+
+
+def _jsonl(path: Path, rows: list[Any]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _one_line_error(data: DataConfig) -> str:
+    """Build the task and return its error message, checking the error is a one-line ``UserError``."""
+    with pytest.raises(UserError) as info:
+        build_task(data)
+    message = str(info.value)
+    assert "\n" not in message and message
+    assert isinstance(info.value, DataError)
+    return message
+
+
+def test_missing_prompt_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.jsonl"
+    message = _one_line_error(_data(task="jsonl", path=str(missing)))
+    assert str(missing) in message and "not found" in message
+    with pytest.raises(MissingDataError, match="neither a registered name"):  # also a FileNotFoundError
+        build_task(_data(task="math", path=str(missing))).problems("train")
+
+
+def test_malformed_jsonl_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n{"prompt": "c",\n{"prompt": "d"}\n')
+    message = _one_line_error(_data(task="jsonl", path=str(path)))
+    assert f"{path}: line 4 is not valid JSON" in message
+
+
+def test_a_line_that_is_not_an_object_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a"}\n[{"prompt": "b"}, {"prompt": "c"}]\n')
+    assert f"{path}: line 2 is a JSON array, not an object" in _one_line_error(_data(task="jsonl", path=str(path)))
+
+
+@pytest.mark.parametrize(("value", "kind"), [(5, "number"), (["a", "b"], "array")])
+def test_prompt_field_that_is_not_text(tmp_path: Path, value: Any, kind: str) -> None:
+    """The old reader turned a number or list into its str() and trained on it."""
+    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "fine"}, {"prompt": "fine too"}, {"prompt": value}])
+    message = _one_line_error(_data(task="jsonl", path=str(path)))
+    assert f"{path}: row 3: field 'prompt' is a JSON {kind}" in message and "not text" in message
+
+
+def test_missing_prompt_field_names_row_fields_and_key(tmp_path: Path) -> None:
+    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"question": "b", "id": 7}])
+    message = _one_line_error(_data(task="jsonl", path=str(path)))
+    assert f"{path}: row 2 has no field 'prompt' (its fields: id, question)" in message
+    assert "data.prompt_field" in message
+
+
+def test_missing_answer_field(tmp_path: Path) -> None:
+    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "gold": "1"}, {"prompt": "b"}])
+    message = _one_line_error(_data(task="jsonl", path=str(path), answer_field="gold"))
+    assert "row 2 has no field 'gold'" in message and "data.answer_field" in message
+
+
+def test_unreachable_dataset_id_is_one_line_and_quick(monkeypatch: pytest.MonkeyPatch) -> None:
+    # offline mode, as the environment variables HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1 would set it, but after
+    # import (the libraries read them once): without it an unreachable network retries for ~25 s
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    start = time.monotonic()
+    message = _one_line_error(_data(task="hf", path="nonexistent/x"))
+    assert time.monotonic() - start < 10
+    assert "hf:nonexistent/x[train]" in message
+    assert "check the dataset id" in message and "network" in message and "local .jsonl" in message
+
+
+def test_empty_file_and_bad_json_list(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    assert "the file is empty" in _one_line_error(_data(task="jsonl", path=str(empty)))
+    as_json = tmp_path / "p.json"
+    as_json.write_text('{"prompt": "a"}')
+    assert "must hold a list of row objects" in _one_line_error(_data(task="jsonl", path=str(as_json)))
+
+
+# ---------------------------------------------------------------------------------------------- DataConfig
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"task": "csv", "path": "x"}, r"data\.task: must be arithmetic, math, jsonl or hf, got 'csv'"),
+        ({"task": "jsonl"}, r"data\.path: is required for task 'jsonl'"),
+        ({"task": "jsonl", "path": "p.jsonl", "eval_fraction": 0}, r"data\.eval_fraction: must be in \(0, 1\)"),
+        ({"task": "jsonl", "path": "p.jsonl", "eval_fraction": 1.5}, r"data\.eval_fraction: must be in \(0, 1\)"),
+        ({"task": "jsonl", "path": "p.jsonl", "eval_fraction": 0.1, "eval_path": "e.jsonl"}, "not both"),
+        ({"task": "math", "path": "gsm8k", "eval_path": " "}, r"data\.eval_path: is empty"),
+        ({"eval_fraction": 0.1}, r"data\.eval_path: task arithmetic holds out its own test split"),
+        ({"split": "validation"}, r"data\.split: must be train or test"),
+        ({"chat_template_kwargs": {"enable_thinking": False}}, r"data\.chat_template_kwargs: only apply with"),
+        ({"eval_fraction": "0.1"}, r"data\.eval_fraction"),
+    ],
+)
+def test_data_config_rejects(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _data(**fields)
+
+
+def test_data_config_accepts_the_new_keys() -> None:
+    data = _data(task="math", path="hf:DigitalLearningGmbH/MATH-lighteval", eval_fraction=0.05, split_seed=2,
+                 chat_template=True, chat_template_kwargs={"enable_thinking": False})
+    assert (data.eval_fraction, data.split_seed, data.chat_template_kwargs) == (0.05, 2, {"enable_thinking": False})
+
+
+def test_hold_out_that_leaves_a_side_empty(tmp_path: Path) -> None:
+    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "a"}])
+    message = _one_line_error(_data(task="jsonl", path=str(path), eval_fraction=0.1))
+    assert "data.eval_fraction=0.1 of 2 distinct prompts leaves the eval split empty" in message
