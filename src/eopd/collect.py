@@ -30,11 +30,12 @@ class Batch:
     tokens: TokenBatch
     weights: TokenWeights
     seconds: dict[str, float] = field(default_factory=dict)
+    token_sums: dict[str, float] = field(default_factory=dict)  # per-token diagnostics summed over valid tokens
 
     def rows(self, r: Tensor) -> Batch:
         """The sub-batch of rows ``r`` (minibatches and micro-batches)."""
         return Batch(self.rollout.select(r), self.scores.select(r), self.tokens.map(lambda x: x[r]),
-                     self.weights.map(lambda x: x[r]))
+                     self.weights.map(lambda x: x[r]), self.seconds)
 
     @property
     def num_rows(self) -> int:

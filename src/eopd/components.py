@@ -140,6 +140,18 @@ def make_generators(seed: int, rank: int, device: torch.device) -> dict[str, tor
             for i, name in enumerate(("sample", "shuffle", "loss"))}
 
 
+def build_teacher(cfg: TrainConfig, student: torch.nn.Module, tokenizer: Any, device: torch.device,
+                  dtype: torch.dtype) -> tuple[Teacher, torch.nn.Module | None, int]:
+    """The run's teacher, its local model (None when served) and the vocabulary both models are compared on."""
+    m = cfg.models
+    teacher_model = load_causal_lm(m.teacher, device=device, dtype=dtype, trust_remote_code=m.trust_remote_code)
+    teacher_model.requires_grad_(False)
+    vocab_size = aligned_vocab_size(teacher_model, student, tokenizer)
+    teacher = HFTeacher(teacher_model, vocab_size, cfg.rollout.temperature, cfg.optim.micro_batch_size,
+                        cfg.chunk_size)
+    return teacher, teacher_model, vocab_size
+
+
 def build_components(cfg: TrainConfig) -> Components:
     """Processes, models, prompts, optimizer and generators of a run (resumed from a checkpoint when asked)."""
     from accelerate import Accelerator
@@ -164,14 +176,10 @@ def build_components(cfg: TrainConfig) -> Components:
     tokenizer = load_tokenizer(m.tokenizer or m.student, m.trust_remote_code)
     student = load_causal_lm(resume_from / "model" if resume_from else m.student, device=device,
                              dtype=torch.float32, trust_remote_code=m.trust_remote_code)
-    teacher_model = load_causal_lm(m.teacher, device=device, dtype=dtype, trust_remote_code=m.trust_remote_code)
-    teacher_model.requires_grad_(False)
-    vocab_size = aligned_vocab_size(teacher_model, student, tokenizer)
+    teacher, teacher_model, vocab_size = build_teacher(cfg, student, tokenizer, device, dtype)
     obj = cfg.objective_config()
     if obj.top_k > vocab_size:
         raise ConfigError(f"loss.top_k: {obj.top_k} exceeds the vocabulary ({vocab_size} tokens)")
-    teacher = HFTeacher(teacher_model, vocab_size, cfg.rollout.temperature, cfg.optim.micro_batch_size,
-                        cfg.chunk_size)
 
     task = build_task(cfg.data)
     problems = task.problems(cfg.data.split)[: cfg.data.limit]

@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 
+from eopd.errors import UserError
 from eopd.forward import completion_hidden_states, completion_logits
 from eopd.losses.scoring import score_chunked, score_from_logits
 from eopd.rollout import Rollout
@@ -59,6 +60,11 @@ def concat_scores(parts: list[TeacherScores]) -> TeacherScores:
     cat = lambda xs: None if xs[0] is None else torch.cat(xs)  # noqa: E731
     return TeacherScores(*(cat([getattr(p, f) for p in parts]) for f in TeacherScores.__dataclass_fields__
                            if f != "head"), head=parts[0].head)
+
+
+class TeacherUnavailableError(UserError):
+    """The teacher could not score a rollout (a server that stays down, a response that does not match the
+    request); nothing is trained on partial scores, and the trainer checkpoints the last complete step."""
 
 
 class Teacher(Protocol):

@@ -29,6 +29,7 @@ from eopd.collect import collect_batch, step_prompt_indices
 from eopd.components import Components, build_components
 from eopd.config import TrainConfig, to_dict
 from eopd.folders import atomic_folder, save_model_folder
+from eopd.teacher import TeacherUnavailableError
 from eopd.tracking import MetricsLogger, truncate_metrics
 from eopd.update import ppo_update
 
@@ -56,6 +57,7 @@ def step(c: Components) -> dict[str, float]:
     c.state.updates += c.updates_per_step
     c.state.data_position += r.prompts_per_step
 
+    sums.update({k: sums.get(k, 0.0) + v for k, v in batch.token_sums.items()})
     keys = sorted(sums)
     grad_norm = sum(grad_norms) / max(len(grad_norms), 1)
     local = [sums[k] for k in keys] + [float(batch.rollout.completion_mask_BT.sum()), float(batch.num_rows), grad_norm]
@@ -70,6 +72,23 @@ def step(c: Components) -> dict[str, float]:
         **{f"tokens_per_s/{k}": tokens / max(v, 1e-9) for k, v in times.items()},
     })
     return metrics
+
+
+def step_or_checkpoint(c: Components, logger: MetricsLogger) -> dict[str, float]:
+    """``step(c)``; when the teacher fails for good, checkpoint the last complete step (random streams put
+    back to that step boundary, so a resume continues exactly) and re-raise its one-line error."""
+    boundary = {k: g.get_state() for k, g in c.generators.items()}
+    try:
+        return step(c)
+    except TeacherUnavailableError:
+        for k, g in c.generators.items():
+            g.set_state(boundary[k])
+        save(c)
+        logger.close()
+        if c.is_main:
+            print(f"teacher unavailable: checkpoint saved at step {c.state.step}; continue with resume=true",
+                  flush=True)
+        raise
 
 
 @torch.no_grad()
@@ -181,7 +200,7 @@ def run(c: Components) -> list[dict[str, float]]:
         if cfg.eval.every and c.state.step == 0:
             logger.log(0, evaluate(c))  # the starting point of every curve
         while c.state.step < cfg.max_steps and not should_stop(c, flag):
-            metrics = step(c)
+            metrics = step_or_checkpoint(c, logger)
             if cfg.eval.every and c.state.step % cfg.eval.every == 0:
                 metrics.update(evaluate(c))
             logger.log(c.state.step, metrics)
