@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -66,11 +63,11 @@ def test_student_kl_to_teacher_falls(tiny_models, tmp_path, objective):
     after = exact_kls(d.student, d.teacher_model, d.tokenizer, prompts, d.vocab_size)
     assert len(history) == 30
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
-    # the divergence the objective minimises falls clearly; the other does not blow up
-    rkl_drop, fkl_drop = before[0] - after[0], before[1] - after[1]
-    print(objective, before, after)
-    assert max(rkl_drop / before[0], fkl_drop / before[1]) > 0.10, (objective, before, after)
-    assert after[0] < before[0] * 1.05 and after[1] < before[1] * 1.05, (objective, before, after)
+    # the divergence each objective minimises falls clearly (reverse KL for the OPD family, forward KL for
+    # fkl); the other one does not blow up
+    target = 1 if objective == "fkl" else 0
+    assert after[target] < 0.9 * before[target], (objective, before, after)
+    assert after[1 - target] < before[1 - target] * 1.05, (objective, before, after)
 
 
 @pytest.mark.parametrize("objective", ["mixture", "fkl", "jsd"])
@@ -88,10 +85,10 @@ def test_exact_baselines_fused_from_teacher_hidden_match_plain(tiny_models, tmp_
         steps[impl] = run(d)
         if impl == "fused":
             assert calls and all(c["want_hidden"] and not c["want_logits"] for c in calls)
+    assert len(steps["fused"]) == len(steps["plain"]) == 2
     for f, p in zip(steps["fused"], steps["plain"], strict=True):
         for key in ("loss", "rkl", "fkl", "student_entropy", "teacher_entropy"):
-            if key in p:
-                assert f[key] == pytest.approx(p[key], rel=1e-4, abs=1e-6), (key, f[key], p[key])
+            assert f[key] == pytest.approx(p[key], rel=1e-4, abs=1e-6), (key, f[key], p[key])
 
 
 def _strip_times(rows):
@@ -115,7 +112,7 @@ def test_kill_and_resume_reproduces_uninterrupted_run(tiny_models, tmp_path):
     assert a == b  # bit-for-bit on CPU
     sa = AutoModelForCausalLM.from_pretrained(full / "final").state_dict()
     sb = AutoModelForCausalLM.from_pretrained(cut / "final").state_dict()
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_checkpoint_tmp_leftover_is_ignored(tiny_models, tmp_path):
@@ -128,17 +125,28 @@ def test_checkpoint_tmp_leftover_is_ignored(tiny_models, tmp_path):
 
 
 def test_saved_student_loads_with_plain_transformers_and_generates(tiny_models, tmp_path):
-    train(tiny_cfg(tiny_models, tmp_path, "max_steps=1", "rollout.prompts_per_step=2", "optim.minibatch_size=8",
-                   "optim.micro_batch_size=8"))
+    c = build_components(tiny_cfg(tiny_models, tmp_path, "max_steps=1", "rollout.prompts_per_step=2",
+                                  "optim.minibatch_size=8", "optim.micro_batch_size=8"))
+    run(c)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     tok = AutoTokenizer.from_pretrained(tmp_path / "final")
+    trained = c.student.state_dict()
+    assert set(model.state_dict()) == set(trained)
+    assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())  # the trained weights
     ids = tok("1+2+3+4=", return_tensors="pt", add_special_tokens=False)
-    out = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert out.shape[1] > ids["input_ids"].shape[1]
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id,
+                         eos_token_id=None)
+    greedy = ids["input_ids"]
+    with torch.no_grad():
+        for _ in range(5):  # the same continuation by hand from the trained in-memory student
+            greedy = torch.cat([greedy, c.student(greedy).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, greedy)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     expected = {"step", "loss", "rkl_estimate", "fkl", "gated_share", "tau", "teacher_entropy", "student_entropy",
                 "response_length", "lr", "grad_norm", "time/sample", "time/teacher", "time/update",
-                "tokens_per_s/sample", "tokens_per_s/teacher", "tokens_per_s/update", "loss_rkl", "loss_fkl"}
+                "tokens_per_s/sample", "tokens_per_s/teacher", "tokens_per_s/update", "loss_rkl", "loss_fkl",
+                "ppo/ratio_mean", "ppo/ratio_min", "ppo/ratio_max", "ppo/clip_frac", "ppo/sampler_gap_max",
+                "ppo/sampler_gap_mean"}
     assert expected <= set(rows[0])
 
 
@@ -199,7 +207,9 @@ def test_vocab_alignment(tiny_models, tmp_path):
          "models.teacher: folder './missing-folder' does not exist"),
         (["models.build_teacher=null", "models.teacher=/nonexistent/teacher"], "does not exist"),
         (["max_steps=0"], "max_steps: must be > 0"),
-        (["rollout.top_p=1.5"], "rollout.top_p: must be in (0, 1]"),
+        (["rollout.top_p=0.9"], "rollout.top_p: must be 1 for training"),
+        (["eval.top_p=0"], "eval.top_p: must be in (0, 1]"),
+        (["eval.temperature=0"], "eval.temperature: must be > 0"),
         (["loss_impl=magic"], "loss_impl: must be fused or plain"),
     ],
 )
@@ -223,38 +233,25 @@ def test_cli_reports_config_error_in_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_and_exits(tiny_models, tmp_path):
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "eopd", "train", TINY, f"models.teacher={tiny_models['teacher']}",
-           f"models.student={tiny_models['student']}", f"output_dir={out}", "max_steps=500", "num_threads=1",
-           "tensorboard=false", "rollout.prompts_per_step=2", "optim.minibatch_size=8", "optim.micro_batch_size=8"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(read_metrics(out / "metrics.jsonl")) < 2:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, output
-    ckpt = latest_checkpoint(out)
-    assert ckpt is not None and int(ckpt.name.split("_")[1]) >= 2
-    assert "continue with resume=true" in output
-
-
-@pytest.mark.slow
-def test_torchrun_two_processes(tiny_models, tmp_path):
+def test_torchrun_two_processes_follow_the_one_process_schedule(tiny_models, tmp_path):
+    """2 processes: files written once, tokens summed over both, and the learning rate of every step equal to
+    the 1-process run's (a scheduler stepped once per process per call would run it 2x too fast)."""
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [TINY, f"models.teacher={tiny_models['teacher']}", f"models.student={tiny_models['student']}",
+            "max_steps=4", "num_threads=1", "tensorboard=false", "optim.minibatch_size=8", "optim.micro_batch_size=4",
+            "optim.warmup_steps=3"]
     out = tmp_path / "ddp"
-    cmd = [str(torchrun), "--nproc_per_node", "2", "-m", "eopd", "train", TINY,
-           f"models.teacher={tiny_models['teacher']}", f"models.student={tiny_models['student']}",
-           f"output_dir={out}", "max_steps=3", "num_threads=1", "tensorboard=false"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "eopd", "train", *args, f"output_dir={out}"],
+                          capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3]  # written once, by the main process
-    assert proc.stdout.count("done: 3 steps") == 1
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["rollout"]["prompts_per_step"] == 8
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # written once, by the main process
+    assert proc.stdout.count("done: 4 steps") == 1
     # tokens are reduced over both processes: 8 prompts x 4 samples, each of 1..24 tokens
-    assert 32 <= rows[0]["tokens"] <= 32 * 24
+    assert all(32 <= r["tokens"] <= 32 * 24 for r in rows)
+    single = train(load_config(TINY, [*args[1:], f"output_dir={tmp_path / 'one'}"]))
+    assert [r["lr"] for r in rows] == pytest.approx([r["lr"] for r in single], rel=1e-12)
+    assert len({r["lr"] for r in rows}) == 4  # warmup then cosine: the column can tell the schedules apart
     AutoModelForCausalLM.from_pretrained(out / "final")
+

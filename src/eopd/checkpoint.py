@@ -1,27 +1,30 @@
-"""Atomic checkpoints: a run is never left with a half-written checkpoint, and resume continues exactly.
+"""Checkpoints: a run is never left with a half-written one, never overwrites one, and resumes exactly.
 
 Layout under ``OUTPUT_DIR/checkpoints/step_000020/``:
 
 - ``model/``          the student via ``save_pretrained`` (+ tokenizer): loadable by plain transformers
-- ``trainer.pt``      optimizer, scheduler, RNG states (torch CPU/CUDA, our generators), step, data position,
-                      adaptive-tau state
+- ``trainer.pt``      optimizer, scheduler, RNG states (torch CPU, our generators per process), step, data
+                      position, adaptive-tau state (``capture_state`` / ``restore_state``)
 
-Everything is written into ``step_000020.tmp`` first and renamed into place at the end; a folder without
-the ``.tmp`` suffix is therefore complete. Older checkpoints beyond ``keep`` are removed after the rename.
+Everything is written into a hidden temporary folder first and renamed into place (``eopd.folders``), so a
+folder named ``step_N`` is complete. Older checkpoints beyond ``keep`` are removed after the rename. On
+resume, a checkpoint that does not load is reported, renamed ``step_N.damaged`` and the one before is used.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from eopd.errors import UserError
 from eopd.folders import atomic_folder, save_model_folder
 
+T = TypeVar("T")
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
@@ -79,6 +82,44 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def load_newest(
+    output_dir: str | Path, load: Callable[[Path], T], *, say: Callable[[str], None], move_aside: bool = True
+) -> tuple[Path, T] | None:
+    """The newest checkpoint that ``load`` reads without error, and what it returned (None: no checkpoint).
+
+    A checkpoint that fails to load (a truncated safetensors file, an unreadable ``trainer.pt``) is reported
+    in one line naming the damaged file and renamed ``step_N.damaged`` (never deleted: it is the user's), so
+    the run continues from the one before and later saves of that step do not collide with it.
+
+    Raises:
+        CheckpointError: checkpoints exist but none loads.
+    """
+    found = list_checkpoints(output_dir)
+    for path in reversed(found):
+        try:
+            return path, load(path)
+        except UserError as err:
+            message = f"checkpoint {path.name} is damaged: {err}"
+            if move_aside:
+                aside = _free_name(path.with_name(path.name + ".damaged"))
+                path.rename(aside)
+                message += f"; moved it to {aside.name}"
+            say(message + ("; resuming from the one before" if path != found[0] else ""))
+    if found:
+        raise CheckpointError(f"none of the {len(found)} checkpoints in {Path(output_dir) / 'checkpoints'} loads "
+                              "(see above); start without resume=true or in another output_dir")
+    return None
+
+
+def _free_name(path: Path) -> Path:
+    """``path``, or ``path.2``, ``path.3``... whichever does not exist yet."""
+    candidate, i = path, 1
+    while candidate.exists():
+        i += 1
+        candidate = path.with_name(f"{path.name}.{i}")
+    return candidate
+
+
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     """Read ``trainer.pt`` of a checkpoint folder.
 
@@ -87,13 +128,11 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     """
     path = ckpt / "trainer.pt"
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(ckpt)!r} has no trainer.pt; it is not an eopd checkpoint "
-                              "(delete it or start without resume=true)")
+        raise CheckpointError(f"{str(path)!r} is missing")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # any unpickling failure means the same thing to the user
-        raise CheckpointError(f"could not read {str(path)!r} ({err}); delete that checkpoint folder to resume "
-                              "from the one before it") from err
+        raise CheckpointError(f"{str(path)!r} cannot be read ({str(err).splitlines()[0]})") from err
 
 
 def capture_state(

@@ -14,6 +14,7 @@ the full weights (DDP).
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from eopd.losses import AdaptiveTau, ObjectiveConfig
 from eopd.models import (
     aligned_vocab_size,
     build_tiny_checkpoint,
+    build_tiny_tokenizer,
     load_causal_lm,
     load_tokenizer,
     resolve_device,
@@ -37,6 +39,7 @@ from eopd.optim import build_optimizer, build_scheduler
 from eopd.prompting import encode_prompts, eos_token_ids
 from eopd.tasks import build_task
 from eopd.tasks.base import Problem, Task
+from eopd.tasks.sources import split_sources
 from eopd.teacher import HFTeacher, Teacher
 
 Tensor = torch.Tensor
@@ -103,6 +106,10 @@ class Components:
         """Sum over processes (identity on one)."""
         return self.accelerator.reduce(x, reduction="sum") if self.world > 1 else x
 
+    def reduce_max(self, x: Tensor) -> Tensor:
+        """Element-wise max over processes (identity on one)."""
+        return self.accelerator.gather(x.unsqueeze(0)).amax(0) if self.world > 1 else x
+
     @contextmanager
     def autocast(self) -> Iterator[None]:
         """bf16/fp16 autocast on GPU when ``models.dtype`` asks for it; nothing on CPU."""
@@ -114,11 +121,20 @@ class Components:
 
 
 def ensure_models(cfg: TrainConfig) -> None:
-    """Build the tiny random models a config asks for (``models.build_*``) when their folders are missing."""
+    """Build the tiny random models a config asks for (``models.build_*``) when their folders are missing.
+
+    Both get the one tokenizer ``models.build_tokenizer`` names, built once (it is deterministic, so a model
+    built later gets the same one).
+    """
     m = cfg.models
-    for path, spec in ((m.teacher, m.build_teacher), (m.student, m.build_student)):
-        if spec is not None and not Path(path).expanduser().is_dir():
-            build_tiny_checkpoint(path, alphabet=m.build_alphabet, **dataclasses.asdict(spec))
+    missing = [(path, spec) for path, spec in ((m.teacher, m.build_teacher), (m.student, m.build_student))
+               if spec is not None and not Path(path).expanduser().is_dir()]
+    if not missing:
+        return
+    tokenizer = build_tiny_tokenizer(m.build_tokenizer, alphabet=m.build_alphabet,
+                                     corpus=split_sources(m.build_corpus), vocab_size=m.build_vocab_size)
+    for path, spec in missing:
+        build_tiny_checkpoint(path, tokenizer=tokenizer, **dataclasses.asdict(spec))
 
 
 def check_process_count(cfg: TrainConfig, world: int) -> None:
@@ -130,6 +146,23 @@ def check_process_count(cfg: TrainConfig, world: int) -> None:
     if cfg.eval.every and cfg.eval.problems < world:
         raise ConfigError(f"eval.problems ({cfg.eval.problems}) must be at least the number of processes "
                           f"({world}): each process evaluates its share")
+
+
+def pin_requested_gpu(requested: str, num_processes: int) -> torch.device:
+    """The device ``models.device`` names; ``cuda:N`` is made the current GPU before accelerate starts, so the
+    models, the generators and accelerate's own placement all use GPU N.
+
+    Raises:
+        ConfigError: ``cuda:N`` with several processes (each process takes the GPU of its local rank).
+    """
+    device = resolve_device(requested)
+    if device.type == "cuda" and device.index is not None:
+        if num_processes > 1:
+            raise ConfigError(f"models.device: {requested!r} names one GPU but this run has {num_processes} "
+                              "processes, each of which takes the GPU of its local rank; choose the GPUs with "
+                              "CUDA_VISIBLE_DEVICES and leave models.device=auto")
+        torch.cuda.set_device(device)
+    return device
 
 
 def make_generators(seed: int, rank: int, device: torch.device) -> dict[str, torch.Generator]:
@@ -160,22 +193,34 @@ def build_components(cfg: TrainConfig) -> Components:
     hf_logging.disable_progress_bar()  # our own progress line is the one to read
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    accelerator = Accelerator(cpu=resolve_device(cfg.models.device).type == "cpu")
-    device = accelerator.device
+    requested = pin_requested_gpu(cfg.models.device, int(os.environ.get("WORLD_SIZE", "1")))
+    accelerator = Accelerator(cpu=requested.type == "cpu")
+    device = requested if requested.index is not None else accelerator.device
     check_process_count(cfg, accelerator.num_processes)
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
         ensure_models(cfg)
     accelerator.wait_for_everyone()
 
-    resume_from = ckpt.latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and resume_from is None and accelerator.is_main_process:
-        print(f"resume=true but {out / 'checkpoints'} holds no complete checkpoint: starting fresh", flush=True)
     m = cfg.models
     dtype = resolve_dtype(m.dtype, device)
     tokenizer = load_tokenizer(m.tokenizer or m.student, m.trust_remote_code)
-    student = load_causal_lm(resume_from / "model" if resume_from else m.student, device=device,
-                             dtype=torch.float32, trust_remote_code=m.trust_remote_code)
+
+    def load_student(path: str | Path) -> torch.nn.Module:
+        return load_causal_lm(path, device=device, dtype=torch.float32, trust_remote_code=m.trust_remote_code)
+
+    resume_from, state = None, None
+    if cfg.resume:
+        say = (lambda msg: print(msg, flush=True)) if accelerator.is_main_process else (lambda msg: None)
+        found = ckpt.load_newest(out, lambda p: (load_student(p / "model"), ckpt.load_trainer_state(p)), say=say,
+                                 move_aside=accelerator.is_main_process)
+        accelerator.wait_for_everyone()
+        if found is None:
+            say(f"resume=true but {out / 'checkpoints'} holds no complete checkpoint: starting fresh")
+        else:
+            resume_from, (student, state) = found[0], found[1]
+    if resume_from is None:
+        student = load_student(m.student)
     teacher, teacher_model, vocab_size = build_teacher(cfg, student, tokenizer, device, dtype)
     obj = cfg.objective_config()
     if obj.top_k > vocab_size:
@@ -207,8 +252,8 @@ def build_components(cfg: TrainConfig) -> Components:
         generators=make_generators(cfg.seed, accelerator.process_index, device), adaptive=adaptive,
         state=LoopState(), resume_from=resume_from, out=out,
     )
-    if resume_from is not None:
-        loop = ckpt.restore_state(ckpt.load_trainer_state(resume_from), optimizer=optimizer, scheduler=scheduler,
+    if state is not None:
+        loop = ckpt.restore_state(state, optimizer=optimizer, scheduler=scheduler,
                                   generators=c.generators, adaptive=adaptive, rank=c.rank, world=c.world)
         c.state = LoopState(**loop)
     return c

@@ -45,6 +45,7 @@ class TinyModelSpec:
     num_kv_heads: int = field(default=2, metadata=_help("key/value heads"))
     vocab_padding: int = field(default=0, metadata=_help("extra lm_head rows beyond the tokenizer (like Qwen3's)"))
     initializer_range: float = field(default=0.02, metadata=_help("init std; larger gives peakier random models"))
+    max_position_embeddings: int = field(default=256, metadata=_help("longest sequence the model config declares"))
     seed: int = field(default=0, metadata=_help("initialisation seed"))
 
     def __post_init__(self) -> None:
@@ -53,6 +54,8 @@ class TinyModelSpec:
         require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
                  f"must divide num_heads ({self.num_heads}), got {self.num_kv_heads}")
         require(self.vocab_padding >= 0, "vocab_padding", f"must be >= 0, got {self.vocab_padding}")
+        require(self.max_position_embeddings > 0, "max_position_embeddings",
+                 f"must be > 0, got {self.max_position_embeddings}")
 
 
 @dataclass
@@ -69,13 +72,27 @@ class ModelsConfig:
         default=None, metadata=_help("build a tiny random teacher at `teacher` when the folder is missing"))
     build_student: TinyModelSpec | None = field(
         default=None, metadata=_help("build a tiny random student at `student` when the folder is missing"))
-    build_alphabet: str = field(default="0123456789+=,;", metadata=_help("characters of a built tokenizer"))
+    build_tokenizer: str = field(default="char", metadata=_help(
+        "tokenizer of built models: char (one id per build_alphabet character) | math_bpe (Qwen3-style byte-level "
+        "BPE trained on build_corpus: ChatML specials, no BOS, <|im_end|> ends a turn, thinking-switch template)"))
+    build_alphabet: str = field(default="0123456789+=,;", metadata=_help("char: characters of a built tokenizer"))
+    build_vocab_size: int = field(default=512, metadata=_help("math_bpe: ids in all (256 bytes, merges, 5 specials)"))
+    build_corpus: str = field(default="math500", metadata=_help(
+        "math_bpe: comma-separated math sources (as data.path) whose problems train the BPE"))
 
     def __post_init__(self) -> None:
+        from eopd.math_tokenizer import MIN_VOCAB_SIZE
+
         require(bool(self.teacher), "models.teacher", "is required (a local folder or a Hub id)")
         require(bool(self.student), "models.student", "is required (a local folder or a Hub id)")
         require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "models.dtype",
                  f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        require(self.build_tokenizer in ("char", "math_bpe"), "models.build_tokenizer",
+                 f"must be char or math_bpe, got {self.build_tokenizer!r}")
+        require(self.build_vocab_size >= MIN_VOCAB_SIZE, "models.build_vocab_size",
+                 f"must be at least {MIN_VOCAB_SIZE} (256 bytes, 5 specials, one merge), got {self.build_vocab_size}")
+        require(bool(self.build_corpus.strip(", ")), "models.build_corpus",
+                 "is empty; name the math sources the BPE is trained on (e.g. math500)")
         for key, path, spec in (("models.teacher", self.teacher, self.build_teacher),
                                 ("models.student", self.student, self.build_student)):
             if spec is None and _looks_local(path) and not Path(path).expanduser().is_dir():
@@ -146,14 +163,17 @@ class RolloutConfig:
     n: int = field(default=4, metadata=_help("completions per prompt"))
     max_new_tokens: int = field(default=32, metadata=_help("completion budget"))
     temperature: float = field(default=1.0, metadata=_help("sampling AND loss temperature"))
-    top_p: float = field(default=1.0, metadata=_help("nucleus mass for sampling (1 = full distribution)"))
+    top_p: float = field(default=1.0, metadata=_help("must be 1: training samples the full distribution"))
 
     def __post_init__(self) -> None:
         require(self.prompts_per_step > 0, "rollout.prompts_per_step", f"must be > 0, got {self.prompts_per_step}")
         require(self.n > 0, "rollout.n", f"must be > 0, got {self.n}")
         require(self.max_new_tokens > 0, "rollout.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
         require(self.temperature > 0, "rollout.temperature", f"must be > 0, got {self.temperature}")
-        require(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")
+        require(self.top_p == 1, "rollout.top_p",
+                f"must be 1 for training, got {self.top_p}: the loss and the PPO ratio use the full distribution, "
+                "so samples drawn from a nucleus would be scored by a distribution that did not draw them; "
+                "top-p is for evaluation (eval.top_p)")
 
     @property
     def batch_size(self) -> int:
@@ -175,6 +195,9 @@ class OptimConfig:
     minibatch_size: int = field(default=8, metadata=_help("sequences per optimizer update (recipe: 32 of 128)"))
     micro_batch_size: int = field(default=8, metadata=_help("sequences per forward/backward (memory)"))
     ppo_epochs: int = field(default=1, metadata=_help("passes over each rollout batch"))
+    recompute_logp_old: bool = field(
+        default=True, metadata=_help("old log-probs from the learner's own forward before the update (as verl "
+                                     "does), so the PPO ratio starts at 1 even when sampling ran in bf16"))
 
     def __post_init__(self) -> None:
         require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
@@ -205,6 +228,10 @@ class EvalConfig:
     def __post_init__(self) -> None:
         require(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")
         require(self.problems > 0 and self.n > 0, "eval.problems/eval.n", "must be > 0")
+        require(self.temperature > 0, "eval.temperature", f"must be > 0, got {self.temperature}")
+        require(0 < self.top_p <= 1, "eval.top_p", f"must be in (0, 1], got {self.top_p}")
+        require(self.max_new_tokens is None or self.max_new_tokens > 0, "eval.max_new_tokens",
+                f"must be > 0, got {self.max_new_tokens}")
 
 
 @dataclass

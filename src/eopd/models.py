@@ -7,9 +7,12 @@ exercised exactly like a Hub checkpoint on a GPU.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Qwen3Config, Qwen3ForCausalLM
 
 from eopd.errors import UserError
@@ -113,9 +116,25 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(
             str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
         )
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"could not load model {str(name_or_path)!r}: {err}") from err
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        damaged = damaged_weight_file(path) if looks_local else None
+        if damaged is not None:
+            raise ModelLoadError(f"model folder {str(path)!r}: {damaged}") from err
+        raise ModelLoadError(f"could not load model {str(name_or_path)!r}: {str(err).splitlines()[0]}") from err
     return model.to(device)
+
+
+def damaged_weight_file(folder: Path) -> str | None:
+    """``"model.safetensors is damaged (...)"`` for the first weight file whose header cannot be read, else None."""
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                names = f.keys()  # a safe_open handle is not iterable
+                for name in names:
+                    f.get_slice(name)
+        except (SafetensorError, OSError) as err:
+            return f"{file.name} is damaged ({str(err).splitlines()[0]})"
+    return None
 
 
 def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
@@ -158,32 +177,66 @@ def aligned_vocab_size(teacher: PreTrainedModel, student: PreTrainedModel, token
     return v_tok
 
 
+def build_tiny_tokenizer(kind: str, *, alphabet: str, corpus: Sequence[str], vocab_size: int) -> Any:
+    """The tokenizer of built tiny models: ``char`` (one id per character of ``alphabet``, ``eopd.tokenizer``)
+    or ``math_bpe`` (a Qwen3-style byte-level BPE of ``vocab_size`` ids trained on the problems of the math
+    sources ``corpus``, ``eopd.math_tokenizer``).
+
+    Raises:
+        ValueError: ``kind`` is neither.
+    """
+    if kind == "char":
+        from eopd.tokenizer import build_char_tokenizer
+
+        return build_char_tokenizer(alphabet)
+    if kind == "math_bpe":
+        from eopd.math_tokenizer import build_math_tokenizer
+
+        return build_math_tokenizer(corpus, vocab_size)
+    raise ValueError(f"tokenizer kind must be char or math_bpe, got {kind!r}")
+
+
 def build_tiny_checkpoint(
     path: str | Path,
     *,
-    alphabet: str,
+    alphabet: str | None = None,
+    tokenizer: Any = None,
     hidden_size: int = 64,
     num_layers: int = 2,
     num_heads: int = 4,
     num_kv_heads: int = 2,
     vocab_padding: int = 0,
     initializer_range: float = 0.02,
+    max_position_embeddings: int = 256,
     seed: int = 0,
 ) -> Path:
-    """Build a tiny random Qwen3 model with a character tokenizer and save both at ``path`` (atomically).
+    """Build a tiny random Qwen3 model and save it with its tokenizer at ``path`` (atomically).
 
-    Used by ``configs/tiny.yaml`` and the tests so that the real ``from_pretrained`` path is exercised with no
-    download. ``vocab_padding`` adds lm_head rows beyond the tokenizer, like Qwen3's padded vocabulary.
+    Used by ``configs/tiny.yaml``, ``configs/paper/rehearsal.yaml`` and the tests so that the real
+    ``from_pretrained`` path is exercised with no download. The tokenizer is ``tokenizer``, or a character
+    tokenizer over ``alphabet``. ``vocab_padding`` adds lm_head rows beyond the tokenizer, like Qwen3's padded
+    vocabulary. The model follows the tokenizer's conventions: no BOS, its EOS and pad ids, and
+    ``generation_config.eos_token_id`` listing ``<|endoftext|>`` beside the EOS when the tokenizer has it
+    (Qwen3's chat models stop at either).
+
+    Raises:
+        ValueError: neither or both of ``alphabet`` and ``tokenizer`` are given.
     """
+    from eopd.math_tokenizer import generation_eos_ids
     from eopd.tokenizer import build_char_tokenizer
 
+    if (alphabet is None) == (tokenizer is None):
+        raise ValueError("give build_tiny_checkpoint a tokenizer or an alphabet (for a character tokenizer), not both")
+    tok = tokenizer if tokenizer is not None else build_char_tokenizer(alphabet)
     path = Path(path).expanduser()
-    tok = build_char_tokenizer(alphabet)
     model = build_tiny_qwen3(
         vocab_size=len(tok) + vocab_padding, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
         num_kv_heads=num_kv_heads, seed=seed, initializer_range=initializer_range,
+        max_position_embeddings=max_position_embeddings,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
     )
+    eos = generation_eos_ids(tok)
+    model.generation_config.eos_token_id = eos if len(eos) > 1 else eos[0]
     from eopd.folders import atomic_folder, save_model_folder
 
     with atomic_folder(path, keep_existing=True) as tmp:

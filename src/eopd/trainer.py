@@ -58,12 +58,16 @@ def step(c: Components) -> dict[str, float]:
     c.state.data_position += r.prompts_per_step
 
     sums.update({k: sums.get(k, 0.0) + v for k, v in batch.token_sums.items()})
+    extremes = {k: sums.pop(k) for k in sorted(sums) if k.endswith(("_min", "_max"))}
     keys = sorted(sums)
     grad_norm = sum(grad_norms) / max(len(grad_norms), 1)
     local = [sums[k] for k in keys] + [float(batch.rollout.completion_mask_BT.sum()), float(batch.num_rows), grad_norm]
     total = c.reduce_sum(torch.tensor(local, dtype=torch.float64, device=c.device)).tolist()
     tokens, rows = total[-3], total[-2]
     metrics = {k: total[i] / max(tokens, 1.0) for i, k in enumerate(keys) if k != "num_valid"}
+    signs = torch.tensor([-1.0 if k.endswith("_min") else 1.0 for k in extremes], dtype=torch.float64)
+    signed = torch.tensor(list(extremes.values()), dtype=torch.float64) * signs
+    metrics.update(zip(extremes, (c.reduce_max(signed.to(c.device)).cpu() * signs).tolist(), strict=True))
     times = {**batch.seconds, "update": t2 - t1}
     metrics.update({
         "tau": batch.weights.tau if math.isfinite(batch.weights.tau) else float("nan"),

@@ -9,6 +9,7 @@ through accelerate, which would step it once per process).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -59,6 +60,55 @@ def student_loss(
                            chunk_size=chunk_size, lm_head_bias=head.bias, vocab_size=vocab_size, **teacher)
 
 
+@torch.no_grad()
+def learner_logprobs(
+    model: torch.nn.Module, batch: Batch, *, impl: str, temperature: float, vocab_size: int,
+    chunk_size: int | None, rows_per_forward: int,
+) -> Tensor:
+    """The learner's log-prob of every sampled token before the update, ``[B, T]`` (0 where masked).
+
+    Computed exactly as the loss computes its own (``fused``: the chunked lm_head in the hidden states'
+    dtype with float32 softmax math; ``plain``: full logits), so the PPO ratio of the first update is 1.
+    """
+    from eopd.losses.divergences import gather_log_probs
+    from eopd.losses.scoring import score_chunked
+
+    head = model.get_output_embeddings()
+    out = torch.zeros_like(batch.rollout.logp_old_BT)
+    for s in range(0, batch.num_rows, rows_per_forward):
+        rollout = batch.rollout.select(slice(s, s + rows_per_forward))
+        tokens_BT = rollout.completion_ids_BT
+        if impl == "plain":
+            logp_BT = gather_log_probs(completion_logits(model, rollout, vocab_size), tokens_BT, temperature)
+        else:
+            logp_BT = score_chunked(completion_hidden_states(model, rollout), head.weight, tokens_BT,
+                                    temperature=temperature, chunk_size=chunk_size, vocab_size=vocab_size,
+                                    bias=head.bias, float32_logits=False).logp
+        out[s : s + rows_per_forward] = logp_BT.float() * rollout.completion_mask_BT
+    return out
+
+
+def with_learner_logp_old(batch: Batch, logp_BT: Tensor) -> tuple[Batch, dict[str, float]]:
+    """``batch`` with ``logp_old`` from the learner, and the sampler-learner gap as extremes/token sums."""
+    mask = batch.rollout.completion_mask_BT.bool()
+    gap = (logp_BT - batch.rollout.logp_old_BT).abs()[mask]
+    stats = {"ppo/sampler_gap_max": float(gap.max()) if gap.numel() else 0.0,
+             "ppo/sampler_gap_mean": float(gap.sum())}  # a token sum: divided by the token count later
+    tokens = dataclasses.replace(batch.tokens, logp_old=logp_BT)
+    return dataclasses.replace(batch, tokens=tokens), stats
+
+
+def merge_metrics(sums: dict[str, float], metrics: dict[str, float], num_valid: int) -> None:
+    """Add one micro-batch's metrics: means weighted by its valid tokens, ``_min``/``_max`` keys as extremes."""
+    for k, v in metrics.items():
+        if k.endswith("_min"):
+            sums[k] = min(sums.get(k, v), v)
+        elif k.endswith("_max"):
+            sums[k] = max(sums.get(k, v), v)
+        else:
+            sums[k] = sums.get(k, 0.0) + v * num_valid
+
+
 def minibatches(num_rows: int, size: int, generator: torch.Generator, device: torch.device) -> list[Tensor]:
     """A seeded shuffle of ``range(num_rows)`` cut into minibatches of ``size`` rows."""
     order = torch.randperm(num_rows, generator=generator, device=generator.device).cpu()
@@ -83,16 +133,28 @@ def ppo_update(
     """Train on one batch: ``optim.ppo_epochs`` passes over it in minibatches of ``optim.minibatch_size``
     sequences (all processes together), micro-batches of ``optim.micro_batch_size``.
 
+    With ``optim.recompute_logp_old`` the old log-probs come from the learner's own forward first (and the
+    sampler-learner gap is reported as ``ppo/sampler_gap_max`` / ``_mean``).
+
     Returns:
         ``(sums, grad_norms)``: the first epoch's metric sums weighted by valid tokens (divide by the token
-        count after reducing over processes), and the pre-clip gradient norm of every update.
+        count after reducing over processes; ``_min``/``_max`` keys are extremes), and the pre-clip gradient
+        norm of every update.
     """
     world = accelerator.num_processes
     reduce_sum = (lambda x: accelerator.reduce(x, reduction="sum")) if world > 1 else (lambda x: x)
-    head = accelerator.unwrap_model(model).get_output_embeddings()
+    learner = accelerator.unwrap_model(model)
+    head = learner.get_output_embeddings()
     device = batch.rollout.completion_ids_BT.device
     sums: dict[str, float] = {}
     grad_norms: list[float] = []
+    if optim.recompute_logp_old and obj.needs_logp_old:
+        learner.eval()
+        with autocast():
+            logp_BT = learner_logprobs(learner, batch, impl=loss_impl, temperature=obj.temperature,
+                                       vocab_size=vocab_size, chunk_size=chunk_size,
+                                       rows_per_forward=optim.micro_batch_size)
+        batch, sums = with_learner_logp_old(batch, logp_BT)
     model.train()
     for epoch in range(optim.ppo_epochs):
         for rows in minibatches(batch.num_rows, optim.minibatch_size // world, generator, device):
@@ -107,8 +169,7 @@ def ppo_update(
                                        vocab_size=vocab_size, chunk_size=chunk_size)
                     accelerator.backward(out.loss)
                 if epoch == 0:
-                    for k, v in out.metrics.items():
-                        sums[k] = sums.get(k, 0.0) + v * out.num_valid
+                    merge_metrics(sums, out.metrics, out.num_valid)
             if optim.grad_clip > 0:
                 grad_norms.append(float(accelerator.clip_grad_norm_(model.parameters(), optim.grad_clip)))
             optimizer.step()

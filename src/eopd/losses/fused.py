@@ -76,7 +76,7 @@ SPARSE_RKL = ("ppo", "none")
 SPARSE_FKL = ("topk", "topk_tail", "importance", "none")
 #: Float32 ``[chunk, V]`` tensors alive at once, used to size the default chunk.
 SPARSE_BUFFERS, GENERIC_BUFFERS = 1, 4
-PART_KEYS = ("loss", "rkl", "fkl", "student_entropy")
+PART_KEYS = ("loss", "rkl", "fkl", "student_entropy", "logq")
 
 
 def is_sparse(cfg: ObjectiveConfig) -> bool:
@@ -266,6 +266,7 @@ def _sparse_chunk(
             grad_CV = scaled_softmax_(z_CV, stats.row_max, coef_C).scatter_add_(1, ids_CK, g_CK.div_(t))
     parts = {k: v.detach() for k, v in parts.items()}
     parts["student_entropy"] = torch.where(batch_c.mask.bool(), stats.entropy, 0.0)
+    parts["logq"] = torch.where(batch_c.mask.bool(), logq_CK[:, 0].detach(), 0.0)
     return grad_CV, parts
 
 

@@ -358,6 +358,7 @@ def token_losses(
         teacher_logits = require_field(batch.teacher_logits, "teacher_logits", cfg)
         loss = torch.where(mask, _single_divergence(cfg, student_logits, teacher_logits), zeros)
         parts = {"loss": loss, "rkl": zeros, "fkl": zeros}
+        logq_tok = logq.gather(-1, batch.tokens.unsqueeze(-1)).squeeze(-1)
     else:
         logq_tok = logq.gather(-1, batch.tokens.unsqueeze(-1)).squeeze(-1)
         ids = batch.teacher_topk_ids
@@ -375,6 +376,7 @@ def token_losses(
             fkl = _sampled_fkl(cfg, logq_tok, logq_topk, batch, zeros)
         parts = _assemble(cfg, rkl, fkl, logq_topk, batch, weights)
     parts["student_entropy"] = torch.where(mask, student_entropy, zeros)
+    parts["logq"] = torch.where(mask, logq_tok.detach(), zeros)
     return parts
 
 
@@ -483,8 +485,9 @@ def summarize(
 
     Keys: ``loss``, ``loss_rkl`` and ``loss_fkl`` (the weighted parts per valid token), ``rkl`` and ``fkl``
     (unweighted terms), ``gated_share``, ``tau``, ``student_entropy``, ``teacher_entropy`` (when known),
-    ``rkl_estimate`` (sampled k1 estimate of KL(q_old || p_T), when sampled log-probs are given) and
-    ``fkl_high_entropy`` (the FKL term averaged over gated tokens).
+    ``rkl_estimate`` (sampled k1 estimate of KL(q_old || p_T), when sampled log-probs are given),
+    ``fkl_high_entropy`` (the FKL term averaged over gated tokens) and, for objectives that read ``logp_old``,
+    the PPO ratio statistics of ``ratio_metrics``.
     """
     with torch.no_grad():
         mask = batch.mask.bool()
@@ -509,9 +512,24 @@ def summarize(
             out["teacher_entropy"] = mean(teacher_entropy_of(cfg, batch))
         if batch.logp_old is not None and batch.teacher_logp is not None:
             out["rkl_estimate"] = mean(batch.logp_old - batch.teacher_logp)
+        if "logq" in parts and batch.logp_old is not None and cfg.needs_logp_old:
+            out.update(ratio_metrics(parts["logq"], batch.logp_old, mask, cfg.clip_eps))
         gated = float((weights.gate * mask).sum())
         out["fkl_high_entropy"] = float((parts["fkl"] * weights.gate).sum() / gated) if gated > 0 else 0.0
     return out
+
+
+def ratio_metrics(logq: Tensor, logp_old: Tensor, mask: Tensor, clip_eps: float) -> dict[str, float]:
+    """PPO ratio ``r = q(y) / q_old(y)`` over valid tokens: mean, min, max and the share with ``|r - 1| > eps``.
+
+    ``_min``/``_max`` keys are extremes, merged across micro-batches and processes by min/max, not averaged.
+    """
+    n = int(mask.sum())
+    if n == 0:
+        return {}
+    ratio = torch.exp(D.upcast(logq) - D.upcast(logp_old))[mask]
+    return {"ppo/ratio_mean": float(ratio.mean()), "ppo/ratio_min": float(ratio.min()),
+            "ppo/ratio_max": float(ratio.max()), "ppo/clip_frac": float(((ratio - 1).abs() > clip_eps).float().mean())}
 
 
 def objective(

@@ -255,6 +255,7 @@ def score_chunked(
     chunk_size: int | None = None,
     vocab_size: int | None = None,
     bias: Tensor | None = None,
+    float32_logits: bool = True,
 ) -> TokenScores:
     """Entropy, top-k and sampled-token log-probs of ``softmax((hidden @ W.T + b) / T)``, chunk by chunk.
 
@@ -271,6 +272,10 @@ def score_chunked(
         chunk_size: Positions per chunk (at most; chunks are balanced); default ``default_chunk_size(V)``.
         vocab_size: Use only the first ``vocab_size`` rows of ``weight_VH`` (padded lm_heads).
         bias: ``[V_rows]`` lm_head bias or ``None``.
+        float32_logits: Compute the logits in float32 from any input dtype (the teacher: its log-probs
+            and entropy are then those of its exact logits). False computes them as the fused student
+            loss does (matmul in the hidden states' dtype, softmax math in float32), so that a learner's
+            recomputed log-probs equal the loss's own to the last bit.
 
     Returns:
         ``TokenScores`` with leading shape ``[...]`` (float32 values, int64 ids).
@@ -284,14 +289,17 @@ def score_chunked(
     # ~0.1, which moves log-probs and entropies by as much. The used lm_head rows are upcast once per call
     # (Qwen3-8B: 2.5 GB, transient) and each chunk of hidden states as it is used.
     fdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    mm_dtype = fdt if float32_logits else hidden.dtype
     weight, bias_v = used_weight(weight_VH, bias, vocab_size)
-    weight, bias_v = weight.to(fdt), None if bias_v is None else bias_v.to(fdt)
+    weight, bias_v = weight.to(mm_dtype), None if bias_v is None else bias_v.to(mm_dtype)
     n, v = hidden_NH.shape[0], weight.shape[0]
     if top_k > v:
         raise ValueError(f"top_k {top_k} exceeds the vocabulary size {v}")
-    chunk = balanced_chunk(n, chunk_size or default_chunk_size(v, buffers=1, device=hidden.device))
+    low = float_buffer_needed(mm_dtype)
+    chunk = balanced_chunk(n, chunk_size or default_chunk_size(v, buffers=2 if low else 1, device=hidden.device))
     c0 = max(1, min(chunk, n))
-    logits_buf = torch.empty(c0, v, dtype=fdt, device=hidden.device)
+    logits_buf = torch.empty(c0, v, dtype=mm_dtype, device=hidden.device)
+    float_buf = torch.empty(c0, v, dtype=fdt, device=hidden.device) if low else None
     tmp = scratch_buffer(c0, v, fdt, hidden.device)
     logp = None if tokens_N is None else torch.empty(n, dtype=fdt, device=hidden.device)
     ent = torch.empty(n, dtype=fdt, device=hidden.device)
@@ -299,7 +307,7 @@ def score_chunked(
     topk_lp = torch.empty(n, top_k, dtype=fdt, device=hidden.device)
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
-        z = scaled_float_logits(hidden_NH[start:end].to(fdt), weight, bias_v, temperature, logits_buf, None)
+        z = scaled_float_logits(hidden_NH[start:end].to(mm_dtype), weight, bias_v, temperature, logits_buf, float_buf)
         stats = softmax_stats(z, tmp)
         ent[start:end] = stats.entropy
         if top_k:
