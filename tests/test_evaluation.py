@@ -496,34 +496,6 @@ def test_eopd_eval_bad_benchmark_file_exits_with_the_row(
     assert "row 2: missing field 'answer'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    ("args", "flag", "says"),
-    [
-        (["--top-p", "0"], "--top-p", "(0, 1]"),
-        (["--top-p", "1.5"], "--top-p", "(0, 1]"),
-        (["--top-p", "-0.2"], "--top-p", "(0, 1]"),
-        (["--temperature", "0"], "--temperature", "> 0"),
-        (["--temperature", "-1"], "--temperature", "> 0"),
-    ],
-)
-def test_eopd_eval_rejects_sampling_settings_in_one_line(
-    tiny_checkpoint: Path, capsys: pytest.CaptureFixture, args: list[str], flag: str, says: str
-) -> None:
-    assert eopd_main(["eval", "--model", str(tiny_checkpoint), "--benchmarks", "nothing.jsonl", *args]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and flag in err and says in err, err
-    assert "Traceback" not in err
-
-
-def test_eopd_eval_names_a_missing_model_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    missing = tmp_path / "no" / "such-model"
-    assert eopd_main(["eval", "--model", str(missing), "--benchmarks", "nothing.jsonl"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"--model folder {str(missing)!r} does not exist" in err, err
-    assert eopd_main(["eval", "--model", "./relative-missing", "--benchmarks", "nothing.jsonl"]) == 2
-    assert "does not exist" in capsys.readouterr().err
-
-
 def test_write_results_round_trips(tmp_path: Path) -> None:
     problems = _problems("x", ["1", "2"])
     result = evaluate_problems(None, char_tokenizer(), problems, n=2, backend=ScriptedBackend(problems, [2, 0]))

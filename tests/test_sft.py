@@ -191,11 +191,6 @@ def test_cli_names_a_malformed_jsonl_line(tmp_path: Path, capsys, bad_line: str)
     assert not (tmp_path / "m").exists()
 
 
-def test_cli_reports_a_missing_data_file(tmp_path: Path, capsys) -> None:
-    code = main(["--data", str(tmp_path / "missing.jsonl"), "--output-dir", str(tmp_path / "m")])
-    _fails_in_one_line(capsys, code, "missing.jsonl", "not found")
-
-
 def test_cli_never_overwrites_an_existing_output_dir(tmp_path: Path, capsys, monkeypatch) -> None:
     out = tmp_path / "model"
     out.mkdir()

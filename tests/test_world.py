@@ -206,24 +206,6 @@ def test_default_sizes_match_the_documented_parameter_counts() -> None:
     assert (n_teacher, n_student) == (334_224, 99_776)
 
 
-def test_an_interrupted_build_leaves_nothing_in_the_cache(tmp_path: Path, monkeypatch) -> None:
-    cfg = _tiny_world()
-    trained: list[str] = []
-
-    def teacher_then_ctrl_c(cfg: WorldConfig, role: str, on_step=None):
-        if trained:
-            raise KeyboardInterrupt
-        trained.append(role)
-        tok = build_char_tokenizer()
-        return world.new_model(cfg, role, tok), tok
-
-    monkeypatch.setattr(world, "train_role", teacher_then_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        build_world(cfg, tmp_path)
-    assert trained == ["teacher"]  # the teacher was written (into the temporary folder) before the interrupt
-    assert list(tmp_path.iterdir()) == []  # no temporary folder, no partial world
-
-
 def test_an_incomplete_world_folder_is_reported_not_trusted_or_overwritten(tmp_path: Path, monkeypatch) -> None:
     cfg = _tiny_world()
     folder = world.world_paths(cfg, tmp_path)[0].parent

@@ -36,7 +36,7 @@ from eopd.models import (
     resolve_dtype,
 )
 from eopd.optim import build_optimizer, build_scheduler
-from eopd.prompting import encode_prompts, eos_token_ids
+from eopd.prompting import encode_prompts, eos_token_ids, resolve_chat_template
 from eopd.tasks import build_task
 from eopd.tasks.base import Problem, Task
 from eopd.tasks.sources import split_sources
@@ -205,6 +205,7 @@ def build_components(cfg: TrainConfig) -> Components:
     m = cfg.models
     dtype = resolve_dtype(m.dtype, device)
     tokenizer = load_tokenizer(m.tokenizer or m.student, m.trust_remote_code)
+    resolve_chat_template(tokenizer, cfg.data.chat_template)  # before any model loads
 
     def load_student(path: str | Path) -> torch.nn.Module:
         return load_causal_lm(path, device=device, dtype=torch.float32, trust_remote_code=m.trust_remote_code)

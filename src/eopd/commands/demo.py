@@ -38,6 +38,10 @@ def main(argv: list[str]) -> int:
 
     p = parser()
     args = p.parse_args(argv)
+    for flag in ("workers", "seeds", "steps"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag} must be >= 1, got {value}")
     try:
         config = yaml.safe_load(Path(args.config).read_text())
         mode = "quick" if args.quick else "full" if args.full else "default"

@@ -1,5 +1,7 @@
-"""Bad input on the data path gives ONE line that names what is wrong and how to fix it, as an exception the
-command line prints without a traceback (``UserError``): prompt files, rows, fields, Hub ids, the data config."""
+"""Bad input gives ONE line that names what is wrong and how to fix it, never a traceback, and loses nothing:
+prompt files, rows, fields, Hub ids and the data config (raised as ``UserError``, printed by the command
+line), a tokenizer without the chat template a config asks for, ``eopd eval`` sampling flags and model
+folders, ``eopd sft --data``, ``eopd demo`` budgets, and an interrupted world build."""
 
 from __future__ import annotations
 
@@ -12,9 +14,20 @@ import datasets
 import huggingface_hub.constants
 import pytest
 
+from eopd import world
+from eopd.cli import main as eopd_main
+from eopd.commands.demo import main as demo_main
+from eopd.commands.sft import main as sft_main
 from eopd.config import ConfigError, DataConfig, from_dict
 from eopd.errors import UserError
 from eopd.tasks import DataError, MissingDataError, build_task
+from eopd.tokenizer import build_char_tokenizer
+from eopd.world import WorldConfig, build_world
+
+from .conftest import REPO
+from .test_world import _tiny_world
+
+TINY = str(REPO / "configs" / "tiny.yaml")
 
 
 def _data(**fields: Any) -> DataConfig:
@@ -132,3 +145,78 @@ def test_hold_out_that_leaves_a_side_empty(tmp_path: Path) -> None:
     path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "a"}])
     message = _one_line_error(_data(task="jsonl", path=str(path), eval_fraction=0.1))
     assert "data.eval_fraction=0.1 of 2 distinct prompts leaves the eval split empty" in message
+
+
+# ---------------------------------------------------------------------------------------- the commands
+
+
+def test_train_with_a_chat_template_the_tokenizer_lacks(tiny_models, tmp_path: Path, capsys) -> None:
+    args = ["train", TINY, f"models.teacher={tiny_models['teacher']}", f"models.student={tiny_models['student']}",
+            f"output_dir={tmp_path / 'run'}", "data.chat_template=true", "tensorboard=false"]
+    assert eopd_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("eopd train: ") and "has none" in err, err
+    assert "data.chat_template=false" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "flag", "says"),
+    [
+        (["--top-p", "0"], "--top-p", "(0, 1]"),
+        (["--top-p", "1.5"], "--top-p", "(0, 1]"),
+        (["--top-p", "-0.2"], "--top-p", "(0, 1]"),
+        (["--temperature", "0"], "--temperature", "> 0"),
+        (["--temperature", "-1"], "--temperature", "> 0"),
+    ],
+)
+def test_eopd_eval_rejects_sampling_settings_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], flag: str, says: str
+) -> None:
+    assert eopd_main(["eval", "--model", str(tmp_path), "--benchmarks", "nothing.jsonl", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and flag in err and says in err, err
+    assert "Traceback" not in err
+
+
+def test_eopd_eval_names_a_missing_model_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    missing = tmp_path / "no" / "such-model"
+    assert eopd_main(["eval", "--model", str(missing), "--benchmarks", "nothing.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--model folder {str(missing)!r} does not exist" in err, err
+    assert eopd_main(["eval", "--model", "./relative-missing", "--benchmarks", "nothing.jsonl"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_reports_a_missing_data_file(tmp_path: Path, capsys) -> None:
+    code = sft_main(["--data", str(tmp_path / "missing.jsonl"), "--output-dir", str(tmp_path / "m")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "missing.jsonl" in err and "not found" in err, err
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--seeds", "--workers"])
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_demo_budgets_below_one_stop_before_anything_runs(tmp_path: Path, capsys, flag: str, value: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        demo_main([flag, value, "--output-dir", str(tmp_path / "demo")])
+    assert info.value.code == 2
+    assert f"{flag} must be >= 1, got {value}" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+
+def test_an_interrupted_build_leaves_nothing_in_the_cache(tmp_path: Path, monkeypatch) -> None:
+    cfg = _tiny_world()
+    trained: list[str] = []
+
+    def teacher_then_ctrl_c(cfg: WorldConfig, role: str, on_step=None):
+        if trained:
+            raise KeyboardInterrupt
+        trained.append(role)
+        tok = build_char_tokenizer()
+        return world.new_model(cfg, role, tok), tok
+
+    monkeypatch.setattr(world, "train_role", teacher_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        build_world(cfg, tmp_path)
+    assert trained == ["teacher"]  # the teacher was written (into the temporary folder) before the interrupt
+    assert list(tmp_path.iterdir()) == []  # no temporary folder, no partial world
