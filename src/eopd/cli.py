@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("eopd.commands.eval:main", "Avg@k / pass@k on math benchmarks for a checkpoint; --compare two runs"),
     "sft": ("eopd.commands.sft:main", "train a small model from scratch on (prompt, completion) traces"),
     "world": ("eopd.commands.world:main", "build the demo's arithmetic world (teacher + base student) and measure it"),
+    "serve-teacher": ("eopd.commands.serve_teacher:main", "serve a teacher model for teacher.url (vLLM API)"),
 }
 
 

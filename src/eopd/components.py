@@ -196,6 +196,9 @@ def build_components(cfg: TrainConfig) -> Components:
     requested = pin_requested_gpu(cfg.models.device, int(os.environ.get("WORLD_SIZE", "1")))
     accelerator = Accelerator(cpu=requested.type == "cpu")
     device = requested if requested.index is not None else accelerator.device
+    if "FSDP" in str(accelerator.distributed_type) or "DEEPSPEED" in str(accelerator.distributed_type):
+        raise ConfigError(f"accelerate is configured for {accelerator.distributed_type}; eopd supports plain "
+                          "data parallelism (DDP) only for now: run `accelerate config` without FSDP/DeepSpeed")
     check_process_count(cfg, accelerator.num_processes)
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:

@@ -12,6 +12,7 @@ replace ``HFTeacher`` later without touching the trainer.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,9 +21,16 @@ import torch
 from eopd.errors import UserError
 from eopd.forward import completion_hidden_states, completion_logits
 from eopd.losses.scoring import score_chunked, score_from_logits
+from eopd.losses.topk_entropy import gate_undecided, topk_entropy_bounds, topk_entropy_estimate
 from eopd.rollout import Rollout
 
 Tensor = torch.Tensor
+
+#: ``teacher.entropy`` modes: ``exact`` (full-vocabulary entropy), ``topk`` (estimate from the top-k alone),
+#: ``auto`` (exact when the teacher can give it: in-process always, served when the server sends it).
+ENTROPY_MODES = ("auto", "exact", "topk")
+#: Served log-probs at or below this are zero probabilities (vLLM writes ``-inf`` as ``-9999.0``).
+LOGPROB_FLOOR = -9999.0
 
 
 @dataclass
@@ -38,6 +46,11 @@ class TeacherScores:
         hidden_BTH: Teacher final hidden states (exact baselines on the fused path), in the model's dtype.
         head: The teacher's lm_head ``(weight [V_rows, H], bias [V_rows] or None)`` that goes with
             ``hidden_BTH`` (references to the model's parameters, not copies).
+        entropy_lower_BT: When ``entropy_BT`` is a top-k estimate: the smallest entropy any distribution
+            with this top-k can have (None when ``entropy_BT`` is exact).
+        entropy_upper_BT: The largest (None when exact).
+        tokens_per_s: A served teacher's throughput on this call: positions scored by the service (prompt
+            and completion) per second of request wall time (None in-process).
     """
 
     logp_BT: Tensor
@@ -47,19 +60,67 @@ class TeacherScores:
     logits_BTV: Tensor | None = None
     hidden_BTH: Tensor | None = None
     head: tuple[Tensor, Tensor | None] | None = None
+    entropy_lower_BT: Tensor | None = None
+    entropy_upper_BT: Tensor | None = None
+    tokens_per_s: float | None = None
 
     def select(self, rows: Tensor | slice) -> TeacherScores:
         """The scores of some rollout rows."""
         pick = lambda x: None if x is None else x[rows]  # noqa: E731
-        return TeacherScores(pick(self.logp_BT), pick(self.entropy_BT), pick(self.topk_ids_BTK),
-                             pick(self.topk_logprobs_BTK), pick(self.logits_BTV), pick(self.hidden_BTH), self.head)
+        return TeacherScores(**{f: pick(getattr(self, f)) for f in ROW_FIELDS}, head=self.head,
+                             tokens_per_s=self.tokens_per_s)
+
+
+#: The ``TeacherScores`` fields that are tensors with rows leading (everything but ``head`` and the rate).
+ROW_FIELDS = tuple(f for f in TeacherScores.__dataclass_fields__ if f not in ("head", "tokens_per_s"))
 
 
 def concat_scores(parts: list[TeacherScores]) -> TeacherScores:
-    """Scores of consecutive row blocks joined along the rows (the head is shared)."""
+    """Scores of consecutive row blocks joined along the rows (the head and the rate are the first part's)."""
     cat = lambda xs: None if xs[0] is None else torch.cat(xs)  # noqa: E731
-    return TeacherScores(*(cat([getattr(p, f) for p in parts]) for f in TeacherScores.__dataclass_fields__
-                           if f != "head"), head=parts[0].head)
+    return TeacherScores(**{f: cat([getattr(p, f) for p in parts]) for f in ROW_FIELDS}, head=parts[0].head,
+                         tokens_per_s=parts[0].tokens_per_s)
+
+
+def topk_only_scores(logp_BT: Tensor, topk_ids_BTK: Tensor, topk_logprobs_BTK: Tensor, *, top_k: int,
+                     vocab_size: int) -> TeacherScores:
+    """Scores of a teacher known only through its top-k: the entropy is the documented top-k estimate.
+
+    The gate then reads ``topk_entropy_estimate`` (rule ``DEFAULT_RULE``), which never leaves
+    ``[entropy_lower_BT, entropy_upper_BT]``, so it agrees with the exact gate on every token the bounds
+    decide. Entries at or below ``LOGPROB_FLOOR`` count as padding for the bounds (zero probability).
+
+    Args:
+        logp_BT: ``[B, T]`` log-prob of the sampled token.
+        topk_ids_BTK: ``[B, T, K]`` top ids, most likely first (``K >= top_k``; more sharpens the estimate).
+        topk_logprobs_BTK: ``[B, T, K]`` their log-probs (full-vocabulary normalisation, temperature 1 when served).
+        top_k: How many of the top ids the objective gets.
+        vocab_size: ``V``, the tokenizer's vocabulary.
+    """
+    lp_BTK = topk_logprobs_BTK.float()
+    for_bounds_BTK = lp_BTK.masked_fill(lp_BTK <= LOGPROB_FLOOR, float("-inf"))
+    lower_BT, upper_BT = topk_entropy_bounds(for_bounds_BTK, vocab_size)
+    entropy_BT = topk_entropy_estimate(for_bounds_BTK, vocab_size)
+    return TeacherScores(logp_BT.float(), entropy_BT, topk_ids_BTK[..., :top_k], lp_BTK[..., :top_k],
+                         entropy_lower_BT=lower_BT, entropy_upper_BT=upper_BT)
+
+
+def teacher_token_sums(scores: TeacherScores, mask_BT: Tensor, tau: float) -> dict[str, float]:
+    """Per-token teacher diagnostics summed over valid tokens (the trainer divides by the token count).
+
+    ``teacher/undecided_share``: tokens whose top-k entropy interval contains ``tau`` (only there can the
+    top-k gate differ from the exact one; only when the entropy is a top-k estimate).
+    ``teacher/tokens_per_s``: the served teacher's throughput, weighted by this process's tokens (so the
+    logged value is the throughput itself on one process and the token-weighted mean over several).
+    """
+    valid_BT = mask_BT.bool()
+    sums: dict[str, float] = {}
+    if scores.entropy_lower_BT is not None and scores.entropy_upper_BT is not None:
+        undecided_BT = gate_undecided(scores.entropy_lower_BT, scores.entropy_upper_BT, tau) & valid_BT
+        sums["teacher/undecided_share"] = float(undecided_BT.sum())
+    if scores.tokens_per_s is not None:
+        sums["teacher/tokens_per_s"] = scores.tokens_per_s * float(valid_BT.sum())
+    return sums
 
 
 class TeacherUnavailableError(UserError):
@@ -84,15 +145,23 @@ class HFTeacher:
         temperature: Same as sampling.
         micro_batch_size: Rollout rows per forward.
         chunk_size: Positions per lm_head chunk (None: the scorer's memory-budget default).
+        entropy: ``exact`` (or ``auto``): the full-vocabulary entropy; ``topk``: only the top
+            ``entropy_top_k`` are used, through ``topk_only_scores`` (the served teacher's gate, measured
+            without a server).
+        entropy_top_k: Top-k the estimate reads in ``topk`` mode (the served ``teacher.top_logprobs``).
     """
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, temperature: float, micro_batch_size: int = 8,
-                 chunk_size: int | None = None) -> None:
+                 chunk_size: int | None = None, entropy: str = "exact", entropy_top_k: int = 20) -> None:
+        if entropy not in ENTROPY_MODES:
+            raise ValueError(f"entropy must be one of {ENTROPY_MODES}, got {entropy!r}")
         self.model = model.eval()
         self.vocab_size = vocab_size
         self.temperature = temperature
         self.micro_batch_size = micro_batch_size
         self.chunk_size = chunk_size
+        self.topk_entropy = entropy == "topk"
+        self.entropy_top_k = entropy_top_k
 
     @torch.no_grad()
     def score(self, rollout: Rollout, *, top_k: int, want_logits: bool, want_hidden: bool = False) -> TeacherScores:
@@ -111,17 +180,22 @@ class HFTeacher:
 
     def _score_rows(self, rollout: Rollout, top_k: int, want_logits: bool, want_hidden: bool) -> TeacherScores:
         tokens_BT = rollout.completion_ids_BT
+        k = min(max(top_k, self.entropy_top_k), self.vocab_size) if self.topk_entropy else top_k
         logits_BTV = hidden_BTH = head_wb = None
         if want_logits:
             logits_BTV = completion_logits(self.model, rollout, self.vocab_size).float()
-            scores = score_from_logits(logits_BTV, tokens_BT, top_k=top_k, temperature=self.temperature)
+            scores = score_from_logits(logits_BTV, tokens_BT, top_k=k, temperature=self.temperature)
         else:
             lm_head = self.model.get_output_embeddings()
             hidden = completion_hidden_states(self.model, rollout)
             scores = score_chunked(hidden, lm_head.weight, tokens_BT,
-                                   top_k=top_k, temperature=self.temperature, chunk_size=self.chunk_size,
+                                   top_k=k, temperature=self.temperature, chunk_size=self.chunk_size,
                                    vocab_size=self.vocab_size, bias=lm_head.bias)
             if want_hidden:
                 hidden_BTH, head_wb = hidden.to(lm_head.weight.dtype), (lm_head.weight, lm_head.bias)
+        if self.topk_entropy:
+            out = topk_only_scores(scores.logp, scores.topk_ids, scores.topk_logprobs, top_k=top_k,
+                                   vocab_size=self.vocab_size)
+            return dataclasses.replace(out, logits_BTV=logits_BTV, hidden_BTH=hidden_BTH, head=head_wb)
         return TeacherScores(scores.logp.float(), scores.entropy.float(), scores.topk_ids,
                              scores.topk_logprobs.float(), logits_BTV, hidden_BTH, head_wb)
