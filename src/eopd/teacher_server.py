@@ -1,0 +1,223 @@
+"""Our teacher server: a Hugging Face causal LM behind the part of vLLM's OpenAI-compatible API a teacher needs.
+
+Why this file exists: to serve a teacher from a machine (or GPU) of its own without vLLM, and to give the gate
+what vLLM cannot: the exact full-vocabulary entropy at every position, in one extra field of each choice
+(``prompt_entropies``; ``send_entropy=False`` leaves it out, to act like vLLM). The scoring is ``HFTeacher``
+(``score_chunked``: float32 logits chunk by chunk, never ``[N, V]``) at temperature 1, like vLLM's log-probs.
+
+Endpoints (stdlib ``ThreadingHTTPServer``; requests are parsed and answered concurrently, scored one at a
+time under a lock so a GPU is never shared by two forwards)::
+
+    GET  /health          200
+    GET  /v1/models       {"object": "list", "data": [{"id": NAME, ...}]}
+    POST /tokenize        {"prompt": text, "add_special_tokens": bool} -> {"count", "max_model_len", "tokens"}
+    POST /v1/completions  token-id prompts with prompt_logprobs=k (see ``teacher_protocol``)
+
+It scores prompts only: no token is generated (a choice's ``text`` is empty, ``completion_tokens`` 0).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import traceback
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import torch
+
+from eopd.rollout import Rollout
+from eopd.teacher import HFTeacher, TeacherScores
+from eopd.teacher_protocol import ENTROPY_FIELD, error_body, position_entry
+
+
+class BadRequestError(ValueError):
+    """A request the server cannot answer (HTTP 400); the message goes back to the client."""
+
+
+def rollout_of(prompts: list[list[int]], pad_id: int, device: torch.device) -> Rollout:
+    """The sequences as a rollout whose "prompt" is each first token: completion position ``t`` scores token
+    ``t + 1`` from tokens ``0..t``, i.e. the prompt positions ``1..n-1`` of ``prompt_logprobs``."""
+    T = max(len(p) for p in prompts) - 1
+    seq_BL = torch.full((len(prompts), T + 1), pad_id, dtype=torch.long)
+    attn_BL = torch.zeros_like(seq_BL)
+    for b, ids in enumerate(prompts):
+        seq_BL[b, : len(ids)] = torch.tensor(ids)
+        attn_BL[b, : len(ids)] = 1
+    seq_BL, attn_BL = seq_BL.to(device), attn_BL.to(device)
+    mask_BT = attn_BL[:, 1:].float()
+    return Rollout(sequences_BL=seq_BL, attention_mask_BL=attn_BL, prompt_len=1, completion_ids_BT=seq_BL[:, 1:],
+                   completion_mask_BT=mask_BT, logp_old_BT=torch.zeros_like(mask_BT),
+                   prompt_index_B=torch.arange(len(prompts), device=device))
+
+
+class TeacherService:
+    """What the endpoints do, without HTTP (so it can be tested and reused).
+
+    Args:
+        model: The teacher (eval mode).
+        tokenizer: Its tokenizer; ``len(tokenizer)`` is the vocabulary ids are checked against.
+        name: The model name ``/v1/models`` lists and requests must use.
+        top_k_max: Largest ``prompt_logprobs`` accepted (vLLM's ``--max-logprobs``).
+        send_entropy: Add the exact entropies (``prompt_entropies``) to each choice.
+        micro_batch_size: Sequences per forward.
+        max_model_len: Longest sequence accepted.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, name: str, top_k_max: int = 20,
+                 send_entropy: bool = True, micro_batch_size: int = 8, max_model_len: int | None = None) -> None:
+        self.vocab_size = len(tokenizer)
+        self.tokenizer = tokenizer
+        self.name = name
+        self.top_k_max = top_k_max
+        self.send_entropy = send_entropy
+        self.max_model_len = max_model_len or int(getattr(model.config, "max_position_embeddings", 1 << 20))
+        self.device = next(model.parameters()).device
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.teacher = HFTeacher(model, self.vocab_size, temperature=1.0, micro_batch_size=micro_batch_size)
+        self.lock = threading.Lock()
+        self.created = int(time.time())
+
+    def models(self) -> dict[str, Any]:
+        """``GET /v1/models``."""
+        card = {"id": self.name, "object": "model", "created": self.created, "owned_by": "eopd", "root": self.name,
+                "parent": None, "max_model_len": self.max_model_len, "permission": []}
+        return {"object": "list", "data": [card]}
+
+    def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /tokenize`` (text prompts; vLLM's ``TokenizeCompletionRequest``)."""
+        self._check_model(body)
+        text = body.get("prompt")
+        if not isinstance(text, str):
+            raise BadRequestError("prompt must be a string")
+        ids = self.tokenizer(text, add_special_tokens=bool(body.get("add_special_tokens", True)))["input_ids"]
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": None}
+
+    def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/completions``: prompt log-probs (and entropies) of token-id prompts; nothing generated."""
+        self._check_model(body)
+        prompts = self._prompts(body.get("prompt"))
+        k = self._top_k(body.get("prompt_logprobs"))
+        if body.get("stream") or body.get("n", 1) != 1 or body.get("echo"):
+            raise BadRequestError("this server supports n=1 without stream or echo only")
+        scores = self._score(prompts, k) if k is not None and max(map(len, prompts)) > 1 else None
+        choices = [self._choice(i, ids, scores, k) for i, ids in enumerate(prompts)]
+        tokens = sum(map(len, prompts))
+        return {"id": f"cmpl-eopd-{time.monotonic_ns()}", "object": "text_completion", "created": int(time.time()),
+                "model": self.name, "choices": choices,
+                "usage": {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}}
+
+    def _check_model(self, body: dict[str, Any]) -> None:
+        model = body.get("model")
+        if model not in (None, self.name):
+            raise BadRequestError(f"The model `{model}` does not exist; this server serves `{self.name}`")
+
+    def _prompts(self, prompt: Any) -> list[list[int]]:
+        """Token-id prompts (one list or a list of lists), each non-empty, ids in range, within the length."""
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            prompt = [prompt]
+        ok = isinstance(prompt, list) and prompt and all(isinstance(p, list) and p for p in prompt)
+        if not ok or not all(isinstance(t, int) and not isinstance(t, bool) for p in prompt for t in p):
+            raise BadRequestError("prompt must be token ids: a non-empty list of ints or a list of such lists")
+        for p in prompt:
+            if not all(0 <= t < self.vocab_size for t in p):
+                raise BadRequestError(f"Token id out of vocabulary [0, {self.vocab_size})")
+            if len(p) > self.max_model_len:
+                raise BadRequestError(f"This model's maximum context length is {self.max_model_len} tokens; the "
+                                      f"prompt has {len(p)}")
+        return prompt
+
+    def _top_k(self, k: Any) -> int | None:
+        """``prompt_logprobs``: None (not asked), an int ``<= top_k_max``, or -1 (the whole vocabulary)."""
+        if k is None:
+            return None
+        if isinstance(k, bool) or not isinstance(k, int) or k < -1:
+            raise BadRequestError("`prompt_logprobs` must be a positive value or -1.")
+        k = self.vocab_size if k == -1 else k
+        if k > self.top_k_max:
+            raise BadRequestError(f"Requested prompt logprobs of {k}, which is greater than max allowed: "
+                                  f"{self.top_k_max}")
+        return min(k, self.vocab_size)
+
+    def _score(self, prompts: list[list[int]], k: int) -> TeacherScores:
+        rollout = rollout_of(prompts, self.pad_id, self.device)
+        with self.lock, torch.no_grad():
+            return self.teacher.score(rollout, top_k=max(k, 1), want_logits=False)
+
+    def _choice(self, index: int, ids: list[int], scores: TeacherScores | None, k: int | None) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index, "text": "", "logprobs": None, "finish_reason": "length",
+                                  "stop_reason": None, "prompt_logprobs": None}
+        if k is None:
+            return choice
+        n = len(ids) - 1
+        if scores is None or n == 0:
+            choice["prompt_logprobs"] = [None]
+            if self.send_entropy:
+                choice[ENTROPY_FIELD] = [None]
+            return choice
+        logp = scores.logp_BT[index, :n].tolist()
+        top_ids = scores.topk_ids_BTK[index, :n, :k].tolist()
+        top_lps = scores.topk_logprobs_BTK[index, :n, :k].tolist()
+        choice["prompt_logprobs"] = [None] + [position_entry(ids[t + 1], logp[t], top_ids[t], top_lps[t])
+                                              for t in range(n)]
+        if self.send_entropy:
+            choice[ENTROPY_FIELD] = [None, *scores.entropy_BT[index, :n].tolist()]
+        return choice
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Routes requests to the server's ``TeacherService``; every answer is JSON."""
+
+    server: TeacherHTTPServer
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        """``/health`` and ``/v1/models``."""
+        if self.path == "/health":
+            self._send(200, {})
+        elif self.path == "/v1/models":
+            self._send(200, self.server.service.models())
+        else:
+            self._send(404, error_body(f"no route GET {self.path}", 404))
+
+    def do_POST(self) -> None:
+        """``/v1/completions`` and ``/tokenize``."""
+        routes = {"/v1/completions": self.server.service.complete, "/tokenize": self.server.service.tokenize}
+        if self.path not in routes:
+            self._send(404, error_body(f"no route POST {self.path}", 404))
+            return
+        try:
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            if not isinstance(body, dict):
+                raise BadRequestError("the request body must be a JSON object")
+            self._send(200, routes[self.path](body))
+        except (BadRequestError, ValueError) as err:
+            self._send(400, error_body(str(err), 400))
+        except Exception as err:  # a fault of ours (e.g. out of memory): 500, which the client retries
+            traceback.print_exc()
+            self._send(500, error_body(f"{type(err).__name__}: {err}", 500))
+
+    def _send(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet unless the server was started verbose."""
+        if self.server.verbose:
+            super().log_message(format, *args)
+
+
+class TeacherHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server that holds the service (threads are daemons: Ctrl-C never waits on a client)."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], service: TeacherService, verbose: bool = False) -> None:
+        super().__init__(address, Handler)
+        self.service = service
+        self.verbose = verbose

@@ -1,0 +1,96 @@
+"""The gradient of one update on one fixed batch, split over however many processes run this file.
+
+``tests/test_rehearsal.py`` launches it under ``torchrun --nproc_per_node 2`` and calls
+``first_update_grads`` in its own (single) process: both must give the same gradient, which only holds when
+every process normalises its loss by the valid-token count of the whole minibatch over all processes.
+
+    torchrun --standalone --nproc_per_node 2 tests/rehearsal_grads.py OUT_PREFIX CONFIG [key=value ...]
+
+Every process samples the same full batch (same prompts, same seeded generators, rows of uneven lengths),
+keeps rows ``rank::world`` and runs ``eopd.update.ppo_update`` once with the minibatch = the whole batch and no
+clipping; the parameters' gradients are recorded just before ``optimizer.step`` and written, with the full
+batch's completion ids, to ``OUT_PREFIX.rank<r>.pt``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eopd.collect import Batch, collect_batch, step_prompt_indices
+from eopd.components import Components, build_components
+from eopd.config import load_config
+from eopd.update import ppo_update
+
+MIN_IMBALANCE = 0.05  # the halves' valid-token counts differ by at least this share of the larger one
+
+
+def full_batch(c: Components, seed: int) -> Batch:
+    """The first step's prompts, all of them, sampled and scored with generators every process seeds alike."""
+    cfg, r = c.cfg, c.cfg.rollout
+    prompts = step_prompt_indices(len(c.problems), 0, r.prompts_per_step, cfg.seed, rank=0, world=1)
+    return collect_batch(
+        c.student, c.teacher, [c.prompt_ids[i] for i in prompts], obj=c.obj, n=r.n,
+        max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, eos_ids=c.eos_ids,
+        pad_id=c.tokenizer.pad_token_id, vocab_size=c.vocab_size,
+        sample_generator=torch.Generator().manual_seed(seed),
+        loss_generator=torch.Generator().manual_seed(seed + 1), adaptive=None,
+        fused=cfg.loss_impl == "fused")
+
+
+def uneven_batch(c: Components, tries: int = 100) -> tuple[Batch, int]:
+    """The first full batch (seeds 0, 1, ...) whose even and odd rows hold clearly different numbers of valid
+    tokens, so that normalising by a process's own count instead of the global one would change the gradient.
+    Every process runs the same search and finds the same batch."""
+    for seed in range(tries):
+        batch = full_batch(c, seed)
+        tokens = batch.rollout.completion_mask_BT.sum(1)
+        halves = float(tokens[0::2].sum()), float(tokens[1::2].sum())
+        if abs(halves[0] - halves[1]) >= MIN_IMBALANCE * max(halves):
+            return batch, seed
+    raise RuntimeError(f"no seed below {tries} gives rows of uneven lengths; completions never end early")
+
+
+def record_grads_before_step(c: Components) -> dict[str, torch.Tensor]:
+    """Wrap ``c.optimizer.step`` so that the gradients it is about to apply are copied into the returned dict."""
+    grads: dict[str, torch.Tensor] = {}
+    step = c.optimizer.step
+
+    def recording_step(*args: Any, **kwargs: Any) -> Any:
+        if not grads:  # the first update only
+            grads.update({n: p.grad.detach().clone() for n, p in c.student.named_parameters() if p.grad is not None})
+        return step(*args, **kwargs)
+
+    c.optimizer.step = recording_step  # type: ignore[method-assign]
+    return grads
+
+
+def first_update_grads(c: Components) -> dict[str, Any]:
+    """This process's view of the first update of a freshly built run: ``grads`` (name -> gradient,
+    synchronised over processes), the full batch's ``completion_ids`` and ``row_tokens`` (valid tokens per
+    row), its ``seed``, ``rank`` and ``world``."""
+    cfg = c.cfg
+    batch, seed = uneven_batch(c)
+    mine = batch.rows(torch.arange(c.rank, batch.num_rows, c.world))
+    optim = dataclasses.replace(cfg.optim, minibatch_size=batch.num_rows, grad_clip=0.0, ppo_epochs=1)
+    grads = record_grads_before_step(c)
+    ppo_update(c.model, mine, obj=c.obj, optim=optim, optimizer=c.optimizer, scheduler=c.scheduler,
+               accelerator=c.accelerator, generator=torch.Generator().manual_seed(seed + 2),
+               loss_impl=cfg.loss_impl, vocab_size=c.vocab_size, chunk_size=cfg.chunk_size)
+    return {"grads": grads, "completion_ids": batch.rollout.completion_ids_BT,
+            "row_tokens": batch.rollout.completion_mask_BT.sum(1), "seed": seed, "rank": c.rank, "world": c.world}
+
+
+def main(argv: list[str]) -> None:
+    """``OUT_PREFIX CONFIG [key=value ...]``: write this process's ``first_update_grads`` next to OUT_PREFIX."""
+    prefix, config, *overrides = argv
+    result = first_update_grads(build_components(load_config(config, overrides)))
+    torch.save(result, Path(f"{prefix}.rank{result['rank']}.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
