@@ -8,44 +8,53 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
-from eopd.demo import parse_variant, plan_for
+from eopd.demo import DEMO_CONFIG, parse_variant, plan_for, plan_from_args, task_section
 from eopd.report import RunResult, markdown_table, mean_std
+from eopd.world import WorldConfig, named_world_config, world_names
 
 
 @pytest.mark.slow
 def test_quick_demo_writes_report_and_plots(tmp_path):
+    # On a world file of its own (the --world path wiring end to end): a three-term task, so this also checks
+    # that the world's task, not the trainer's default, reaches every `eopd train` run; --quick shrinks the
+    # world's models, not its task. Three terms keep it faster than the registered worlds.
+    world_file = tmp_path / "three-terms.yaml"
+    world_file.write_text("description: three terms\nworld: {task: {num_terms: 3, test_size: 100}}\n")
     out = tmp_path / "demo"
     env = {**os.environ, "EOPD_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "eopd", "demo", "--quick", "--output-dir", str(out)],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run([sys.executable, "-m", "eopd", "demo", "--world", str(world_file), "--quick", "--output-dir",
+                           str(out)], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = (out / "report.md").read_text()
     assert "| objective | seeds | pass@1 (Avg@8) | pass@8 | distinct correct paths /8 |" in report
+    assert "| objective | seeds | " + " | ".join(f"k={k}" for k in range(1, 9)) + " |" in report
     for row in ("| base student | - |", "| opd | 1 |", "| eopd | 1 |"):
         assert row in report
-    assert "Command: `eopd demo --quick" in report
-    for png in ("curves.png", "teacher_entropy.png"):
+    assert f"World: `{world_file}`" in report and "three terms" in report
+    for png in ("curves.png", "pass_at_k.png", "teacher_entropy.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert yaml.safe_load((out / "train.yaml").read_text())["data"]["arithmetic"]["num_terms"] == 3
+    for run in ("opd", "eopd"):  # the trainer itself says which prompts it sampled
+        assert "arithmetic prompts (3 terms," in (out / "runs" / run / "seed0" / "train.log").read_text()
     results = json.loads((out / "results.json").read_text())
+    assert results["world"] == str(world_file)
     assert {r["objective"] for r in results["runs"]} == {"opd", "eopd"}
     for run in results["runs"]:
         steps = [p["step"] for p in run["curve"]]
         assert steps == [0, 10, 20]
         assert 0.0 <= run["final"]["avg@n"] <= 1.0 and 0.0 <= run["final"]["pass@8"] <= 1.0
-        assert run["final"]["pass@8"] >= run["final"]["avg@n"]
+        curve = [run["final"][f"pass@{k}"] for k in range(1, 9)]
+        assert curve == sorted(curve) and curve[0] == pytest.approx(run["final"]["avg@n"])
     # a second run reuses the cached world (no training message)
-    proc2 = subprocess.run([sys.executable, "-m", "eopd", "demo", "--quick", "--output-dir", str(out / "again"),
-                            "--steps", "2"], capture_output=True, text=True, timeout=600, env=env)
+    proc2 = subprocess.run([sys.executable, "-m", "eopd", "demo", "--world", str(world_file), "--quick", "--output-dir",
+                            str(out / "again"), "--steps", "2"], capture_output=True, text=True, timeout=600, env=env)
     assert proc2.returncode == 0, proc2.stderr[-3000:]
     assert "training the teacher" not in proc2.stdout and "cached at" in proc2.stdout
 
 
 def test_modes_and_table():
-    import yaml
-
-    from eopd.demo import DEMO_CONFIG
-
     config = yaml.safe_load(DEMO_CONFIG.read_text())
     default = plan_for("default", config)
     assert {"opd", "eopd"} <= {parse_variant(o)[0] for o in default.objectives} and len(default.seeds) >= 3
@@ -100,3 +109,69 @@ def test_base_row_is_the_mean_of_every_step0_evaluation():
             RunResult("eopd", 1, {}, [{"step": 0, "avg@n": 0.7}])]
     assert _base_metrics(runs) == {"avg@n": pytest.approx(0.75)}
     assert _base_metrics([RunResult("opd", 0, {}, [])]) is None
+
+
+@pytest.mark.parametrize("world", world_names())
+@pytest.mark.parametrize("mode", ["quick", "default", "full"])
+def test_every_world_runs_every_mode_with_a_valid_recipe(world: str, mode: str) -> None:
+    config = yaml.safe_load(DEMO_CONFIG.read_text())
+    plan = plan_from_args(config, mode, None, None, None, [], world)  # every run's config validated
+    cfg = named_world_config(world)
+    assert plan.world_name == world and plan.world.task == cfg.task and plan.description
+    assert plan.train["data"]["arithmetic"] == task_section(cfg)  # eopd train samples this world's prompts
+    quick_teacher = config["modes"]["quick"]["world"]["teacher"]["hidden_size"]
+    assert (plan.world.teacher.hidden_size == quick_teacher) == (mode == "quick")  # --quick: tiny models only
+    if mode != "quick":
+        assert plan.world == cfg
+
+
+def test_default_world_is_the_configs_and_the_world_flag_wins() -> None:
+    config = yaml.safe_load(DEMO_CONFIG.read_text())
+    assert plan_for("default", config).world == WorldConfig() == named_world_config(config["world"])
+    assert plan_for("default", {**config, "world": "multi-path"}).world_name == "multi-path"
+    assert plan_for("default", config, "multi-path").world == named_world_config("multi-path")
+
+
+def test_world_flag_wiring_and_one_line_errors(tmp_path, capsys, monkeypatch) -> None:
+    import eopd.demo
+    from eopd.commands.demo import main as cli
+    from eopd.demo import RunSpec, _train_command
+
+    plans = []
+    monkeypatch.setattr(eopd.demo, "run_demo", lambda plan, out, **kw: plans.append((plan, kw)))
+    assert cli(["--world", "multi-path", "--quick", "--output-dir", str(tmp_path / "o"), "--cache-dir", "C"]) == 0
+    (plan, kw), = plans
+    assert plan.world_name == "multi-path" and kw["cache_dir"] == "C"
+    assert kw["command"] == f"eopd demo --world multi-path --quick --output-dir {tmp_path / 'o'} --cache-dir C"
+    assert plan.world.task == named_world_config("multi-path").task and len(plan.seeds) == 1
+    cmd = _train_command(RunSpec("opd", 0, tmp_path / "r"), plan, tmp_path / "t", tmp_path / "s", tmp_path / "c.yaml")
+    assert f"models.teacher={tmp_path / 't'}" in cmd and "objective=opd" in cmd
+    for argv, needles in [
+        (["--world", "multipath"], ["unknown world 'multipath'", *world_names()]),
+        (["--quick", "--set", "rollout.max_new_tokens=8"], ["rollout.max_new_tokens: 8 cuts off", "raise it"]),
+        (["--config", str(tmp_path / "missing.yaml")], ["not found"]),
+    ]:
+        with pytest.raises(SystemExit):
+            cli([*argv, "--output-dir", str(tmp_path / "x")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("eopd demo: error: ") and all(n in err[-1] for n in needles), err
+    bad = tmp_path / "demo.yaml"
+    bad.write_text(yaml.safe_dump({**yaml.safe_load(DEMO_CONFIG.read_text()), "modes": {"quick": {"seeds": 1}}}))
+    with pytest.raises(SystemExit):
+        cli(["--config", str(bad), "--quick"])
+    assert "modes.quick" in capsys.readouterr().err  # a mode missing its fields is named, not a KeyError
+    assert not plans[1:] and not (tmp_path / "x").exists()
+
+
+def test_pass_at_k_table_columns_and_plot(tmp_path) -> None:
+    from eopd.demo import pass_at_k_columns
+    from eopd.report import plot_pass_at_k
+
+    runs = [RunResult("opd", s, {"avg@n": 0.5, **{f"pass@{k}": 0.5 + 0.04 * k + 0.01 * s for k in range(1, 11)}})
+            for s in range(2)]
+    cols = pass_at_k_columns(runs, {"pass@1": 0.4, "pass@2": 0.5})
+    assert [c[0] for c in cols] == [f"pass@{k}" for k in range(1, 11)]  # numeric order: 10 after 9
+    table = markdown_table(runs, cols, baseline={"pass@1": 0.4})
+    assert "| base student | - | 0.400 | - |" in table and "| opd | 2 | 0.545 ± 0.007 |" in table
+    png = plot_pass_at_k(runs, {"pass@1": 0.4}, list(range(1, 11)), tmp_path / "k.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

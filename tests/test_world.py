@@ -287,3 +287,80 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path: Path, capsys, content: s
         path.write_text(content)
     _fails_in_one_line(capsys, world_cli(["--config", str(path), "--cache-dir", str(tmp_path / "c")]), needle)
     assert not (tmp_path / "c").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The registry of named worlds (configs/worlds/*.yaml)
+
+
+def test_every_registered_world_is_a_valid_config_and_the_default_is_worldconfig() -> None:
+    names = world.world_names()
+    assert {"capability-gap", "multi-path"} <= set(names) and world.DEFAULT_WORLD in names
+    for name in names:
+        doc = world.world_document(name)
+        assert doc["description"], name  # says what the world tests
+        assert isinstance(world.named_world_config(name), WorldConfig)
+    assert world.named_world_config("capability-gap") == WorldConfig()  # its cache key never moved
+
+
+def test_multi_path_world_has_a_multi_path_base_student() -> None:
+    cfg = world.named_world_config("multi-path")
+    for styles in (cfg.task.teacher_styles, cfg.task.student_styles):
+        assert sum(1 for w in styles.values() if w > 0) >= 2, styles  # several order styles, not one
+    assert sum(1 for w in WorldConfig().task.student_styles.values() if w > 0) == 1  # the other world's has one
+    assert cfg.key() != WorldConfig().key()
+
+
+def test_an_unknown_world_is_one_line_naming_the_known_ones(capsys) -> None:
+    with pytest.raises(ConfigError) as info:
+        world.named_world_config("multipath")
+    msg = str(info.value)
+    assert "unknown world 'multipath'" in msg and "\n" not in msg
+    assert all(name in msg for name in world.world_names())
+    _fails_in_one_line(capsys, world_cli(["--world", "multipath"]), "unknown world 'multipath'", "multi-path")
+
+
+def test_a_world_file_of_ones_own_is_checked_like_a_registered_one(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("description: three terms\nworld: {task: {num_terms: 3, test_size: 20}}\n")
+    assert world.named_world_config(str(path)).task.num_terms == 3
+    for content, message in [
+        ("world: {}\nrecipe: {}\n", "mine.yaml: unknown key 'recipe'; a world file holds description"),
+        ("world: {teacher: {hidden: 3}}\n", "mine.yaml: unknown key 'world.teacher.hidden'"),
+        ("world: {}\ntrain: [1]\n", "mine.yaml: train: must be a mapping"),
+    ]:
+        path.write_text(content)
+        with pytest.raises(ConfigError) as info:
+            world.world_document(str(path))
+        assert str(info.value).startswith(message) and "\n" not in str(info.value), str(info.value)
+
+
+def test_world_config_from_dict_changes_a_given_base() -> None:
+    base = world.named_world_config("multi-path")
+    cfg = world_config_from_dict({"teacher": {"hidden_size": 48}}, base=base)
+    assert cfg.teacher.hidden_size == 48 and cfg.task == base.task and cfg.student == base.student
+    assert world_config_from_dict({"task": {"student_styles": {"random": 1.0}}}, base=base).task.student_styles == {
+        "random": 1.0}  # a mixture is still replaced whole, not merged into the base's
+
+
+def test_cli_world_flag_picks_a_registered_world(tmp_path: Path, capsys, monkeypatch) -> None:
+    built: list[WorldConfig] = []
+
+    def fake_build(cfg: WorldConfig, cache_dir, log=None) -> tuple[Path, Path, Path]:
+        built.append(cfg)
+        return tmp_path / "t", tmp_path / "s", tmp_path / "k"
+
+    monkeypatch.setattr(world, "build_world", fake_build)
+    assert world_cli(["--world", "multi-path", "--eval-problems", "0", "--cache-dir", str(tmp_path)]) == 0
+    assert built == [world.named_world_config("multi-path")]
+    assert world_cli(["--eval-problems", "0", "--cache-dir", str(tmp_path)]) == 0
+    assert built[-1] == WorldConfig()
+    # the demo config names its default world; --config reads that name too
+    from eopd.demo import DEMO_CONFIG
+
+    assert world_cli(["--config", str(DEMO_CONFIG), "--eval-problems", "0", "--cache-dir", str(tmp_path)]) == 0
+    assert built[-1] == WorldConfig()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        world_cli(["--world", "multi-path", "--config", str(DEMO_CONFIG)])
+    assert "not both" in capsys.readouterr().err

@@ -126,6 +126,34 @@ def plot_curves(results: Sequence[RunResult], metrics: Sequence[tuple[str, str]]
     return _save(fig, path)
 
 
+def plot_pass_at_k(results: Sequence[RunResult], baseline: dict[str, float] | None, ks: Sequence[int],
+                   path: str | Path, title: str = "", baseline_name: str = "base student") -> Path:
+    """Final ``pass@k`` against ``k``: mean over seeds per objective (±1 std band), the baseline dashed.
+
+    Shows at a glance whether an objective trades pass@k at large ``k`` (diversity) for pass@1 (accuracy).
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ks = list(ks)
+    if baseline is not None:
+        ax.plot(ks, [baseline.get(f"pass@{k}", float("nan")) for k in ks], color="black", linestyle="--",
+                marker="o", markersize=3, linewidth=1.2, label=baseline_name)
+    for name, runs in grouped(results).items():
+        stats = [mean_std([r.final.get(f"pass@{k}", float("nan")) for r in runs]) for k in ks]
+        mean = [m for m, _ in stats]
+        line = ax.plot(ks, mean, marker="o", markersize=3, linewidth=1.6, label=name)[0]
+        ax.fill_between(ks, [m - sd for m, sd in stats], [m + sd for m, sd in stats], color=line.get_color(),
+                        alpha=0.18)
+    ax.set_xlabel("k (samples per prompt)")
+    ax.set_ylabel("pass@k")
+    ax.set_xticks(ks)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
 def plot_entropy_histogram(entropies: Sequence[float], tau: float, path: str | Path, title: str = "") -> Path:
     """Histogram of teacher entropy on student samples with the gate threshold marked."""
     plt = _pyplot()

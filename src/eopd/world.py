@@ -1,19 +1,25 @@
-"""The embedded default world: a multi-path teacher and a weak single-path base student, trained here.
+"""The embedded worlds: a multi-path teacher and a weaker base student, trained here, named in a registry.
 
 No model hub is reachable and the user may have only a laptop CPU, so the default distillation job runs
 on models trained from scratch on the multi-path arithmetic task (``eopd.tasks.arithmetic``):
 
-- the **teacher** (a tiny Qwen3, ~334K parameters) learns from traces in several order styles, so its
-  order-choice tokens are genuinely high-entropy while its arithmetic tokens are near-deterministic;
-- the **base student** (~99K parameters) is trained briefly on as-written traces only: one path, and
-  imperfect, so on-policy distillation has room both to raise accuracy and to widen its paths.
+- the **teacher** (a tiny Qwen3) learns from traces in several order styles, so its order-choice tokens
+  are genuinely high-entropy while its arithmetic tokens are near-deterministic;
+- the **base student** (smaller, trained less) is imperfect, so on-policy distillation has room to raise
+  its accuracy; whether it starts with one path or several is what distinguishes the worlds.
 
-Both are saved as ordinary Hugging Face folders (``config.json``, ``model.safetensors``, tokenizer files)
-and cached under ``<cache_dir>/<hash of the WorldConfig>/{teacher,student,tokenizer}`` (plus ``world.json``,
-the config; each model folder holds ``eopd_world.json``, its role and config); a second ``build_world`` with
-the same config loads nothing and trains nothing. Every folder is written through ``eopd.folders``, so an
-interrupted build leaves nothing behind. Reproduce a cached model with ``eopd world --role teacher
---output-dir DIR`` (or ``--role student``; plain ``eopd world`` fills the cache).
+Which question a world can answer depends on its base student, so worlds are named and kept side by side
+(``configs/worlds/NAME.yaml``, read by ``world_document``; docs/worlds.md): ``capability-gap`` (the
+``WorldConfig()`` defaults: a one-path student, can distillation teach new paths?) and ``multi-path`` (a
+student that already has several paths, does distillation keep them?). A world file also carries the demo
+recipe that suits it, read by ``eopd.demo``.
+
+Both models are saved as ordinary Hugging Face folders (``config.json``, ``model.safetensors``, tokenizer
+files) and cached under ``<cache_dir>/<hash of the WorldConfig>/{teacher,student,tokenizer}`` (plus
+``world.json``, the config; each model folder holds ``eopd_world.json``, its role and config); a second
+``build_world`` with the same config loads nothing and trains nothing. Every folder is written through
+``eopd.folders``, so an interrupted build leaves nothing behind. Reproduce a cached model with ``eopd world
+--role teacher --output-dir DIR`` (or ``--role student``; plain ``eopd world`` fills the cache).
 
 Measured defaults: see ``WorldConfig``.
 
@@ -36,7 +42,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from eopd.config import ConfigError, deep_merge, from_dict, require
+from eopd.config import ConfigError, deep_merge, from_dict, read_yaml_mapping, require
 from eopd.evaluation import evaluate_problems
 from eopd.folders import FolderExistsError, atomic_folder, save_model_folder
 from eopd.models import build_tiny_qwen3, load_causal_lm, load_tokenizer
@@ -101,11 +107,12 @@ def _default_student() -> ModelSpec:
 
 @dataclass
 class WorldConfig:
-    """The task, the teacher and the base student of the embedded world (the cache key).
+    """The task, the teacher and the base student of an embedded world (the cache key).
 
-    What the defaults measured (``WORLD_FORMAT_VERSION`` 2, torch 2.13 CPU, ``EOPD_CACHE=DIR eopd world
-    --threads 1``, which builds both models and prints ``measure`` on the first 200 held-out test prompts x
-    8 samples at temperature 1):
+    The defaults are the ``capability-gap`` world (``configs/worlds/capability-gap.yaml`` changes nothing).
+    What they measured (``WORLD_FORMAT_VERSION`` 2, torch 2.13 CPU, ``EOPD_CACHE=DIR eopd world --threads
+    1``, which builds both models and prints ``measure`` on the first 200 held-out test prompts x 8
+    samples at temperature 1):
 
     ========================  ===================  ========================
     metric                    teacher              base student
@@ -152,14 +159,19 @@ class WorldConfig:
         return config_hash(self)
 
 
-def world_config_from_dict(d: dict | None) -> WorldConfig:
-    """A ``WorldConfig`` from a nested dict (a YAML ``world:`` section); missing keys keep their defaults.
+def world_config_from_dict(d: dict | None, base: WorldConfig | None = None) -> WorldConfig:
+    """A ``WorldConfig`` from a nested dict (a YAML ``world:`` section); missing keys keep ``base``'s values.
 
     Shape: ``{task: {ArithmeticConfig fields}, teacher: {ModelSpec fields, sft: {SFTConfig fields}},
     student: {...}, max_position_embeddings: int}``. The section is ``deep_merge``d into the defaults, so a
     partial ``teacher``/``student``/``sft`` section overrides only the keys it names (``{teacher: {sft:
     {steps: 500}}}`` keeps the default size), while an order-style mixture the user gives replaces the
     default mixture whole (it is one value, not a section). Then ``from_dict`` checks keys and types.
+
+    Args:
+        d: The section (None: no changes).
+        base: What the section changes (default ``WorldConfig()``); e.g. a registered world, changed by a
+            demo mode's ``world:`` section.
 
     Raises:
         ConfigError: an unknown key, a wrong type or an impossible value, in one line naming the key
@@ -168,7 +180,7 @@ def world_config_from_dict(d: dict | None) -> WorldConfig:
     d = {} if d is None else d
     if not isinstance(d, dict):
         raise ConfigError(f"world: must be a mapping of WorldConfig fields, got {d!r}")
-    defaults = _without_replaced_values(WorldConfig, config_dict(WorldConfig()), d)
+    defaults = _without_replaced_values(WorldConfig, config_dict(base or WorldConfig()), d)
     try:
         return from_dict(WorldConfig, deep_merge(defaults, d), prefix="world.")
     except ConfigError:
@@ -196,10 +208,79 @@ def _without_replaced_values(cls: type, defaults: dict, update: dict) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The registry of named worlds: one YAML file each under configs/worlds/ (docs/worlds.md)
+
+WORLDS_DIR = Path(__file__).resolve().parent / "configs" / "worlds"
+DEFAULT_WORLD = "capability-gap"  # WorldConfig()'s defaults: the world the demo was first built on
+WORLD_FILE_KEYS: tuple[str, ...] = ("description", "world", "train", "modes")
+
+
+def world_names() -> list[str]:
+    """The registered worlds: the stems of ``configs/worlds/*.yaml``, sorted."""
+    return sorted(p.stem for p in WORLDS_DIR.glob("*.yaml"))
+
+
+def world_file(name: str) -> Path:
+    """The file of a world: a registered name (``multi-path``) or the path of a world file of one's own.
+
+    Raises:
+        ConfigError: neither a registered name nor an existing ``.yaml``/``.yml`` file; the one line lists
+            the registered names.
+    """
+    if name in world_names():
+        return WORLDS_DIR / f"{name}.yaml"
+    path = Path(name).expanduser()
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    raise ConfigError(f"unknown world {name!r}; known worlds: {', '.join(world_names())} (or the path of a "
+                      "world file, docs/worlds.md)")
+
+
+def world_document(name: str) -> dict:
+    """The checked mapping of a world file: ``description``, ``world``, ``train`` and ``modes``.
+
+    ``world`` changes ``WorldConfig()`` (``world_config_from_dict``); ``train`` and ``modes`` are the demo
+    recipe that suits the world, read by ``eopd.demo`` (which validates them with the trainer's config);
+    missing sections are empty.
+
+    Raises:
+        ConfigError: an unknown world, an unknown top-level key, a section that is not a mapping, or an
+            invalid ``world`` section; one line naming the file.
+    """
+    path = world_file(name)
+    doc = read_yaml_mapping(path, "world file")
+    unknown = sorted(set(doc) - set(WORLD_FILE_KEYS))
+    if unknown:
+        raise ConfigError(f"{path.name}: unknown key '{unknown[0]}'; a world file holds "
+                          f"{', '.join(WORLD_FILE_KEYS)}")
+    out: dict = {"description": doc.get("description") or ""}
+    require(isinstance(out["description"], str), f"{path.name}: description", "must be a string")
+    for key in ("world", "train", "modes"):
+        out[key] = doc.get(key) or {}
+        require(isinstance(out[key], dict), f"{path.name}: {key}", f"must be a mapping, got {out[key]!r}")
+    try:
+        world_config_from_dict(out["world"])
+    except ConfigError as err:
+        raise ConfigError(f"{path.name}: {err}") from None
+    return out
+
+
+def named_world_config(name: str) -> WorldConfig:
+    """The ``WorldConfig`` of a registered world (or of a world file's path); see ``world_document``."""
+    return world_config_from_dict(world_document(name)["world"])
+
+
+def longest_completion(task: ArithmeticConfig) -> int:
+    """Tokens in the longest completion of a task, EOS included (character-level tokenizer): the least
+    ``max_new_tokens`` that lets every correct answer finish."""
+    terms = [task.max_digit] * task.num_terms
+    return len(trace_for_order(terms, list(range(task.num_terms)))) + 1
+
+
 def longest_sequence(task: ArithmeticConfig) -> int:
     """Tokens in the longest prompt + completion + EOS of a task (character-level tokenizer)."""
-    terms = [task.max_digit] * task.num_terms
-    return len(format_prompt(terms)) + len(trace_for_order(terms, list(range(task.num_terms)))) + 1
+    return len(format_prompt([task.max_digit] * task.num_terms)) + longest_completion(task)
 
 
 def config_dict(cfg: WorldConfig) -> dict:

@@ -7,19 +7,22 @@ import shlex
 import sys
 from pathlib import Path
 
-import yaml
-
+from eopd.config import read_yaml_mapping
 from eopd.demo import DEMO_CONFIG, plan_from_args
+from eopd.world import DEFAULT_WORLD, world_names
 
 
 def parser() -> argparse.ArgumentParser:
     """The ``eopd demo`` argument parser."""
-    p = argparse.ArgumentParser(prog="eopd demo", description="The embedded default: build a multi-path "
-                                "arithmetic world here, distil its base student with several objectives, report.")
+    p = argparse.ArgumentParser(prog="eopd demo", description="The embedded default: build an arithmetic world "
+                                "here (a multi-path teacher and a base student), distil the base student with "
+                                "several objectives, report.")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="smoke test (~20 s): structure, not numbers")
     mode.add_argument("--full", action="store_true", help="every objective, 5 seeds")
-    p.add_argument("--config", default=str(DEMO_CONFIG), help="demo config (modes, world, training recipe)")
+    p.add_argument("--world", help=f"the world: {', '.join(world_names())} (default: the demo config's, "
+                   f"{DEFAULT_WORLD}), or the path of a world file (docs/worlds.md)")
+    p.add_argument("--config", default=str(DEMO_CONFIG), help="demo config (default world, training recipe, modes)")
     p.add_argument("--output-dir", default="runs/demo", help="where runs, report.md and plots go")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel (one thread each)")
     p.add_argument("--objectives", help="comma-separated objectives instead of the mode's; a variant "
@@ -43,12 +46,12 @@ def main(argv: list[str]) -> int:
         if value is not None and value < 1:
             p.error(f"--{flag} must be >= 1, got {value}")
     try:
-        config = yaml.safe_load(Path(args.config).read_text())
+        config = read_yaml_mapping(args.config, "--config (the demo config)")
         mode = "quick" if args.quick else "full" if args.full else "default"
-        plan = plan_from_args(config, mode, args.objectives, args.seeds, args.steps, args.set)
+        plan = plan_from_args(config, mode, args.objectives, args.seeds, args.steps, args.set, args.world)
     except (OSError, ValueError) as e:
         p.error(str(e))
-    run_demo(config, plan, Path(args.output_dir), workers=args.workers, cache_dir=args.cache_dir,
+    run_demo(plan, Path(args.output_dir), workers=args.workers, cache_dir=args.cache_dir,
              command=shlex.join(["eopd", "demo", *argv]))
     return 0
 

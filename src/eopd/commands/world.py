@@ -1,10 +1,12 @@
-"""``eopd world``: build the embedded arithmetic world's models and measure them.
+"""``eopd world``: build one of the embedded arithmetic worlds' models and measure them.
 
-The world (``eopd.world``) is what ``eopd demo`` distils: a multi-path teacher and a weak single-path base
-student trained from scratch. This command builds it on demand::
+A world (``eopd.world``) is what ``eopd demo`` distils: a multi-path teacher and a base student trained from
+scratch. The registered ones are named (``configs/worlds/*.yaml``, docs/worlds.md); this command builds one
+on demand, so its figures can be checked before (or without) a demo::
 
-    eopd world                                   # both, into the cache (~/.cache/eopd/world or $EOPD_CACHE)
-    eopd world --config demo.yaml                # a variant world (a mapping, or its ``world:`` section)
+    eopd world                                   # the default world (capability-gap), into the cache
+    eopd world --world multi-path --threads 1    # a registered world (~/.cache/eopd/world or $EOPD_CACHE)
+    eopd world --config my_world.yaml            # a variant world (a mapping, or its ``world:`` section)
     eopd world --role teacher --output-dir out/teacher      # one role into a new folder
     eopd world --role student --output-dir out/student --steps 500
 
@@ -33,9 +35,11 @@ from eopd.folders import atomic_folder
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="eopd world",
-        description="Build the embedded arithmetic world (eopd.world.WorldConfig, optionally changed by "
-        "--config): both models into the cache, or one --role into --output-dir; then measure them.",
+        description="Build an embedded arithmetic world (a registered --world, or eopd.world.WorldConfig "
+        "changed by --config): both models into the cache, or one --role into --output-dir; then measure them.",
     )
+    p.add_argument("--world", help="a registered world's name (configs/worlds/NAME.yaml; default "
+                   "capability-gap) or the path of a world file; not with --config")
     p.add_argument("--role", choices=["teacher", "student"],
                    help="build only this role, into --output-dir (default: both, into the cache)")
     p.add_argument("--output-dir", type=Path, help="--role: the model folder to write; it must not exist yet")
@@ -54,21 +58,29 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_world_config(path: Path | None) -> Any:
-    """The ``WorldConfig`` of a YAML/JSON file (its ``world`` key when it has one), or the default.
+def load_world_config(path: Path | None, name: str | None = None) -> Any:
+    """The ``WorldConfig`` of a registered world ``name``, of a YAML/JSON file (its ``world`` key when it has
+    one: a section, or the name of a registered world as in the demo config), or the default world.
 
     Raises:
-        ConfigError: the file is missing, is not YAML, or holds an invalid world.
+        ConfigError: an unknown world; the file is missing, is not YAML, or holds an invalid world.
     """
     from eopd import world
 
+    if name is not None:
+        return world.named_world_config(name)
     if path is None:
-        return world.WorldConfig()
+        return world.named_world_config(world.DEFAULT_WORLD)
     doc = read_yaml_mapping(path, "--config (a YAML/JSON world config)")
-    return world.world_config_from_dict(doc.get("world", doc))
+    section = doc.get("world", doc)
+    if isinstance(section, str):  # the demo config names its default world
+        return world.named_world_config(section)
+    return world.world_config_from_dict(section)
 
 
 def _check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.world is not None and args.config is not None:
+        parser.error("give --world (a registered world) or --config (a world config file), not both")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     budget = any(v is not None for v in (args.steps, args.batch_size, args.lr, args.seed))
@@ -130,7 +142,7 @@ def main(argv: list[str]) -> int:
     _check_flags(args, parser)
 
     def body() -> int:
-        cfg = load_world_config(args.config)
+        cfg = load_world_config(args.config, args.world)
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         return _build_role(args, cfg) if args.role else _build_both(args, cfg)
