@@ -81,3 +81,39 @@ def test_padded_vocab_rows_are_never_sampled():
     r = sample(model, [[3, 4]], n=16, max_new_tokens=6, eos_token_ids=[1], pad_token_id=0,
                generator=torch.Generator().manual_seed(0), vocab_size=9)
     assert int(r.completion_ids_BT.max()) < 9
+
+
+def test_max_batch_size_gives_the_same_samples_for_a_seed():
+    """Chunked generation (bounded KV cache) draws exactly what one pass draws: same ids, mask and log-probs."""
+    model = _model()
+    prompts = [[3, 4, 5], [6], [7, 8], [2, 9, 10, 11]]
+    kw = dict(n=3, max_new_tokens=9, temperature=0.9, eos_token_ids=[1], pad_token_id=0)
+    whole = sample(model, prompts, generator=torch.Generator().manual_seed(4), **kw)
+    for size in (1, 5):
+        part = sample(model, prompts, generator=torch.Generator().manual_seed(4), max_batch_size=size, **kw)
+        assert torch.equal(part.completion_ids_BT, whole.completion_ids_BT)
+        assert torch.equal(part.sequences_BL, whole.sequences_BL) and part.prompt_len == whole.prompt_len
+        torch.testing.assert_close(part.logp_old_BT, whole.logp_old_BT, atol=1e-5, rtol=1e-5)
+    assert len({tuple(r) for r in whole.completion_ids_BT.tolist()}) > 1  # the case is not degenerate
+
+
+def test_inverse_cdf_sampling_follows_the_distribution_and_skips_zero_mass():
+    probs = torch.tensor([[0.0, 0.2, 0.0, 0.5, 0.3]]).repeat(20_000, 1)
+    u = torch.rand(20_000, generator=torch.Generator().manual_seed(0))
+    from eopd.rollout import inverse_cdf_sample
+
+    ids = inverse_cdf_sample(probs, u)
+    freq = torch.bincount(ids, minlength=5).float() / ids.numel()
+    assert freq[0] == 0 and freq[2] == 0
+    torch.testing.assert_close(freq, probs[0], atol=0.015, rtol=0)
+    assert inverse_cdf_sample(probs[:1], torch.zeros(1)).item() == 1  # u = 0 never picks a zero-mass id
+
+
+def test_lora_student_samples_with_its_cache():
+    """A PeftModel forwards **kwargs; the cache keyword is read from the wrapped model's forward."""
+    peft = __import__("pytest").importorskip("peft")
+    from eopd.rollout import _cache_keyword
+
+    model = _model()
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert _cache_keyword(wrapped) == _cache_keyword(model) == "cache"

@@ -242,8 +242,8 @@ def test_torchrun_two_processes_follow_the_one_process_schedule(tiny_models, tmp
             "max_steps=4", "num_threads=1", "tensorboard=false", "optim.minibatch_size=8", "optim.micro_batch_size=4",
             "optim.warmup_steps=3"]
     out = tmp_path / "ddp"
-    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "eopd", "train", *args, f"output_dir={out}"],
-                          capture_output=True, text=True, timeout=300, env=env)
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "eopd", "train", *args, f"output_dir={out}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # written once, by the main process

@@ -3,8 +3,10 @@
 Layout under ``OUTPUT_DIR/checkpoints/step_000020/``:
 
 - ``model/``          the student via ``save_pretrained`` (+ tokenizer): loadable by plain transformers
-- ``trainer.pt``      optimizer, scheduler, RNG states (torch CPU, our generators per process), step, data
-                      position, adaptive-tau state (``capture_state`` / ``restore_state``)
+- ``adapter/``        instead of ``model/`` for a LoRA student (``models.lora``): the adapter alone (+ tokenizer),
+                      no base weight; resume reloads the base from ``models.student`` (frozen, so unchanged)
+- ``trainer.pt``      optimizer, scheduler, RNG states (torch CPU and, on GPU, CUDA; our generators per process),
+                      step, data position, adaptive-tau state (``capture_state`` / ``restore_state``)
 
 Everything is written into a hidden temporary folder first and renamed into place (``eopd.folders``), so a
 folder named ``step_N`` is complete. Older checkpoints beyond ``keep`` are removed after the rename. On
@@ -23,13 +25,21 @@ import torch
 
 from eopd.errors import UserError
 from eopd.folders import atomic_folder, save_model_folder
+from eopd.lora import ADAPTER_DIR, is_lora, save_adapter_folder
 
 T = TypeVar("T")
+#: The full student's folder in a checkpoint (a LoRA run writes ``ADAPTER_DIR`` instead).
+MODEL_DIR = "model"
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing or unreadable; the message says which and what to do."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A sound checkpoint of other settings than this run's (e.g. LoRA vs full fine-tuning): the run stops and
+    the checkpoint is left where it is, never set aside as damaged."""
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -50,7 +60,7 @@ def save_checkpoint(
     Args:
         output_dir: The run folder.
         step: Steps completed.
-        model: Unwrapped student (``save_pretrained``).
+        model: Unwrapped student (``save_pretrained``; a peft model saves its adapter alone).
         tokenizer: Saved beside the model so the folder is self-contained.
         trainer_state: Everything else resume needs (tensors and plain data; written with ``torch.save``).
         keep: How many step checkpoints to keep.
@@ -60,11 +70,33 @@ def save_checkpoint(
     """
     final = checkpoint_dir(output_dir, step)
     with atomic_folder(final) as tmp:
-        save_model_folder(tmp / "model", model, tokenizer)
+        if is_lora(model):
+            save_adapter_folder(tmp / ADAPTER_DIR, model, tokenizer)
+        else:
+            save_model_folder(tmp / MODEL_DIR, model, tokenizer)
         torch.save(trainer_state, tmp / "trainer.pt")
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def student_folder(ckpt: Path, *, lora: bool) -> Path:
+    """The student's folder in checkpoint ``ckpt``: ``adapter/`` for a LoRA run, ``model/`` otherwise.
+
+    Raises:
+        CheckpointMismatchError: the checkpoint holds the other kind (a run cannot switch between full
+            fine-tuning and LoRA on resume).
+        CheckpointError: it holds neither.
+    """
+    want, other = (ADAPTER_DIR, MODEL_DIR) if lora else (MODEL_DIR, ADAPTER_DIR)
+    if (ckpt / want).is_dir():
+        return ckpt / want
+    if (ckpt / other).is_dir():
+        kinds = {MODEL_DIR: "a fully fine-tuned student", ADAPTER_DIR: "a LoRA adapter"}
+        run = "LoRA (models.lora)" if lora else "full fine-tuning (no models.lora)"
+        raise CheckpointMismatchError(f"{str(ckpt)!r} holds {kinds[other]} but this run is {run}; resume with the "
+                                      "run's own models.lora setting")
+    raise CheckpointError(f"{str(ckpt / want)!r} is missing")
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -87,7 +119,8 @@ def load_newest(
 ) -> tuple[Path, T] | None:
     """The newest checkpoint that ``load`` reads without error, and what it returned (None: no checkpoint).
 
-    A checkpoint that fails to load (a truncated safetensors file, an unreadable ``trainer.pt``) is reported
+    A checkpoint of other settings (``CheckpointMismatchError``) stops the search as it is. One that fails to
+    load (a truncated safetensors file, an unreadable ``trainer.pt``) is reported
     in one line naming the damaged file and renamed ``step_N.damaged`` (never deleted: it is the user's), so
     the run continues from the one before and later saves of that step do not collide with it.
 
@@ -98,6 +131,8 @@ def load_newest(
     for path in reversed(found):
         try:
             return path, load(path)
+        except CheckpointMismatchError:
+            raise
         except UserError as err:
             message = f"checkpoint {path.name} is damaged: {err}"
             if move_aside:
@@ -150,12 +185,15 @@ def capture_state(
     process's generator states are gathered so every rank resumes its own stream."""
     from accelerate.utils import gather_object
 
-    per_rank = gather_object([{"rank": rank, "gens": {k: g.get_state() for k, g in generators.items()}}])
+    per_rank = gather_object([{"rank": rank, "gens": {k: g.get_state() for k, g in generators.items()},
+                               "torch_rng": torch.get_rng_state(), "cuda_rng": _cuda_rng_state()}])
     return {
         "loop": dict(loop),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "generators": {d["rank"]: d["gens"] for d in per_rank},
+        "torch_rngs": {d["rank"]: d["torch_rng"] for d in per_rank},
+        "cuda_rng": {d["rank"]: d["cuda_rng"] for d in per_rank},
         "torch_rng": torch.get_rng_state(),
         "adaptive_tau": None if adaptive is None else adaptive.state_dict(),
         "world_size": world,
@@ -185,7 +223,15 @@ def restore_state(
     scheduler.load_state_dict(state["scheduler"])
     for k, g in generators.items():
         g.set_state(state["generators"][rank][k])
-    torch.set_rng_state(state["torch_rng"])
+    torch.set_rng_state(state.get("torch_rngs", {}).get(rank, state["torch_rng"]))
+    cuda_rng = state.get("cuda_rng", {}).get(rank)
+    if cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda_rng)
     if adaptive is not None and state["adaptive_tau"] is not None:
         adaptive.load_state_dict(state["adaptive_tau"])
     return dict(state["loop"])
+
+
+def _cuda_rng_state() -> torch.Tensor | None:
+    """This process's global CUDA RNG state (LoRA dropout on GPU draws from it), or None without CUDA."""
+    return torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None

@@ -9,14 +9,14 @@ that follow see fixed teacher scores and fixed token weights (entropy gate, adap
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from eopd.losses import AdaptiveTau, ObjectiveConfig, TokenBatch, TokenWeights, prepare_weights
 from eopd.rollout import Rollout, sample
-from eopd.teacher import Teacher, TeacherScores
+from eopd.teacher import Teacher, TeacherScores, teacher_token_sums
 
 Tensor = torch.Tensor
 
@@ -31,11 +31,25 @@ class Batch:
     weights: TokenWeights
     seconds: dict[str, float] = field(default_factory=dict)
     token_sums: dict[str, float] = field(default_factory=dict)  # per-token diagnostics summed over valid tokens
+    role_ids_BT: Tensor | None = None  # index into role_names per completion token, -1 where masked
+    role_names: tuple[str, ...] = ()
 
     def rows(self, r: Tensor) -> Batch:
         """The sub-batch of rows ``r`` (minibatches and micro-batches)."""
         return Batch(self.rollout.select(r), self.scores.select(r), self.tokens.map(lambda x: x[r]),
-                     self.weights.map(lambda x: x[r]), self.seconds)
+                     self.weights.map(lambda x: x[r]), self.seconds,
+                     role_ids_BT=None if self.role_ids_BT is None else self.role_ids_BT[r], role_names=self.role_names)
+
+    def trimmed(self) -> Batch:
+        """The same rows at their own width (``Rollout.trimmed``): every ``[B, T, ...]`` field cut to the
+        longest valid completion of these rows."""
+        rollout = self.rollout.trimmed()
+        T = rollout.completion_ids_BT.shape[1]
+        cols = lambda x: x[:, :T]  # noqa: E731
+        return Batch(rollout, self.scores.select((slice(None), slice(0, T))), self.tokens.map(cols),
+                     self.weights.map(cols), self.seconds,
+                     role_ids_BT=None if self.role_ids_BT is None else cols(self.role_ids_BT),
+                     role_names=self.role_names)
 
     @property
     def num_rows(self) -> int:
@@ -51,6 +65,49 @@ def step_prompt_indices(num_problems: int, position: int, count: int, seed: int,
         epoch = torch.Generator().manual_seed(seed * 7_919 + pos // num_problems)
         idx.append(int(torch.randperm(num_problems, generator=epoch)[pos % num_problems]))
     return idx[rank::world]
+
+
+#: The role of every token of a row whose roles the task cannot tell (its ``token_roles`` raised ValueError).
+UNASSIGNED = "unassigned"
+
+
+def _row_roles(token_roles: Callable[[list[int]], Sequence[str]], ids: list[int]) -> list[str]:
+    """One row's roles; ``UNASSIGNED`` for all of them when the task cannot tell (a diagnostic never stops a run:
+    e.g. the arithmetic roles need one character per token and a sample may hold a multi-character token)."""
+    try:
+        return list(token_roles(ids))
+    except ValueError:
+        return [UNASSIGNED] * len(ids)
+
+
+def token_role_ids(
+    token_roles: Callable[[list[int]], Sequence[str]], completion_ids_BT: Tensor, mask_BT: Tensor
+) -> tuple[Tensor, tuple[str, ...]]:
+    """Each valid completion token's role as an index into the sorted role names seen (``UNASSIGNED`` for the
+    tokens of rows whose roles the task cannot tell).
+
+    Args:
+        token_roles: A row's valid completion ids -> one role name per id (``functools.partial(task.token_roles,
+            tokenizer)``).
+        completion_ids_BT: ``[B, T]`` sampled ids.
+        mask_BT: ``[B, T]`` 1 on valid tokens (a prefix of each row: up to and including the first EOS).
+
+    Returns:
+        ``(role_ids_BT, names)``: ``[B, T]`` int64 on the ids' device, -1 where masked; names sorted.
+    """
+    valid_BT = mask_BT.bool().cpu()
+    rows = [[i for i, v in zip(ids, valid, strict=True) if v]
+            for ids, valid in zip(completion_ids_BT.tolist(), valid_BT.tolist(), strict=True)]
+    roles = [_row_roles(token_roles, ids) for ids in rows]
+    for row_roles, ids in zip(roles, rows, strict=True):
+        if len(row_roles) != len(ids):
+            raise ValueError(f"token_roles gave {len(row_roles)} roles for {len(ids)} tokens; give one role per token")
+    names = tuple(sorted({name for row_roles in roles for name in row_roles}))
+    index = {name: i for i, name in enumerate(names)}
+    role_ids_BT = torch.full(valid_BT.shape, -1, dtype=torch.long)
+    # the valid positions in row-major order are the rows' valid ids one row after another
+    role_ids_BT[valid_BT] = torch.tensor([index[r] for row_roles in roles for r in row_roles], dtype=torch.long)
+    return role_ids_BT.to(completion_ids_BT.device), names
 
 
 def make_token_batch(rollout: Rollout, scores: TeacherScores) -> TokenBatch:
@@ -96,11 +153,15 @@ def collect_batch(
     adaptive: AdaptiveTau | None = None,
     fused: bool = True,
     mean_over_processes: Callable[[float], float] = lambda x: x,
+    token_roles: Callable[[list[int]], Sequence[str]] | None = None,
+    max_batch_size: int | None = None,
 ) -> Batch:
     """Sample ``n`` completions per prompt with the student, score them with the teacher and weigh tokens.
 
     Exact full-vocabulary objectives also get the teacher's final hidden states (``fused``; the loss
-    recomputes its logits chunk by chunk) or its ``[B, T, V]`` logits (plain path).
+    recomputes its logits chunk by chunk) or its ``[B, T, V]`` logits (plain path). With ``token_roles`` (a
+    row's valid ids -> a role name per id) every token also gets its role (``token_role_ids``; its time is
+    ``seconds["roles"]``). ``max_batch_size`` bounds the rows generated at once (``rollout.sample``).
     """
     t0 = time.perf_counter()
     was_training = student.training
@@ -108,7 +169,7 @@ def collect_batch(
     try:
         rollout = sample(student, prompt_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
                          top_p=top_p, eos_token_ids=eos_ids, pad_token_id=pad_id, generator=sample_generator,
-                         vocab_size=vocab_size)
+                         vocab_size=vocab_size, max_batch_size=max_batch_size)
     finally:
         student.train(was_training)
     t1 = time.perf_counter()
@@ -118,5 +179,12 @@ def collect_batch(
     tokens = make_token_batch(rollout, scores)
     weights = token_weights(obj, tokens, adaptive=adaptive, generator=loss_generator,
                             mean_over_processes=mean_over_processes)
-    return Batch(rollout, scores, tokens, weights, {"sample": t1 - t0, "teacher": time.perf_counter() - t1})
+    seconds = {"sample": t1 - t0, "teacher": time.perf_counter() - t1}
+    role_ids_BT, role_names = None, ()
+    if token_roles is not None:
+        t2 = time.perf_counter()
+        role_ids_BT, role_names = token_role_ids(token_roles, rollout.completion_ids_BT, rollout.completion_mask_BT)
+        seconds["roles"] = time.perf_counter() - t2
+    return Batch(rollout, scores, tokens, weights, seconds,
+                 teacher_token_sums(scores, rollout.completion_mask_BT, weights.tau), role_ids_BT, role_names)
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from eopd import checkpoint as ckpt
-from eopd.config import ConfigError, TrainConfig
+from eopd.config import ConfigError, ModelsConfig, TrainConfig
 from eopd.losses import AdaptiveTau, ObjectiveConfig
 from eopd.models import (
     aligned_vocab_size,
@@ -106,6 +106,14 @@ class Components:
         """Sum over processes (identity on one)."""
         return self.accelerator.reduce(x, reduction="sum") if self.world > 1 else x
 
+    def all_keys(self, keys: list[str]) -> list[str]:
+        """The sorted union of every process's metric keys (identity on one process)."""
+        if self.world == 1:
+            return keys
+        from accelerate.utils import gather_object
+
+        return sorted({k for ks in gather_object([keys]) for k in ks})
+
     def reduce_max(self, x: Tensor) -> Tensor:
         """Element-wise max over processes (identity on one)."""
         return self.accelerator.gather(x.unsqueeze(0)).amax(0) if self.world > 1 else x
@@ -173,16 +181,88 @@ def make_generators(seed: int, rank: int, device: torch.device) -> dict[str, tor
             for i, name in enumerate(("sample", "shuffle", "loss"))}
 
 
-def build_teacher(cfg: TrainConfig, student: torch.nn.Module, tokenizer: Any, device: torch.device,
-                  dtype: torch.dtype) -> tuple[Teacher, torch.nn.Module | None, int]:
-    """The run's teacher, its local model (None when served) and the vocabulary both models are compared on."""
-    m = cfg.models
-    teacher_model = load_causal_lm(m.teacher, device=device, dtype=dtype, trust_remote_code=m.trust_remote_code)
+def teacher_placement(models: ModelsConfig, student_device: torch.device, num_processes: int = 1,
+                      ) -> tuple[torch.device, torch.dtype]:
+    """The in-process teacher's device and dtype: ``models.teacher_device`` (auto: the student's) and
+    ``models.teacher_dtype`` (auto: ``models.dtype`` resolved for the teacher's device).
+
+    Raises:
+        ConfigError: a GPU that this machine does not have, or ``cuda:N`` with several processes.
+    """
+    requested = models.teacher_device
+    device = student_device if requested == "auto" else torch.device(requested)
+    if requested.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ConfigError(f"models.teacher_device: {requested!r} but this machine has {count} GPU(s) visible")
+        if device.index is not None and num_processes > 1:
+            raise ConfigError(f"models.teacher_device: {requested!r} names one GPU but this run has {num_processes} "
+                              "processes, each of which would load its own teacher there; use auto or cpu")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    dtype = resolve_dtype(models.dtype if models.teacher_dtype == "auto" else models.teacher_dtype, device)
+    return device, dtype
+
+
+def build_teacher(cfg: TrainConfig, student: torch.nn.Module, tokenizer: Any,
+                  device: torch.device) -> tuple[Teacher, torch.nn.Module | None, int]:
+    """The run's teacher, its local model (None when served) and the vocabulary both models are compared on.
+
+    Served (``teacher.url``): the servers are checked now (model, tokenizer, one scoring request), so a wrong
+    or unreachable teacher stops the run at start with one line; ``models.teacher`` is then not loaded.
+
+    In-process: loaded on ``teacher_placement``'s device and dtype (``device`` is the student's), frozen
+    (``requires_grad=False``) and never given to the optimizer or to accelerate's ``prepare``, so it holds its
+    weights and nothing else; ``HFTeacher`` moves each rollout to it and the scores back.
+    """
+    m, t = cfg.models, cfg.teacher
+    if t.urls:
+        from eopd.served_teacher import ServedTeacher
+
+        vocab_size = aligned_vocab_size(student, student, tokenizer)
+        served = ServedTeacher(t.urls, vocab_size=vocab_size, model=t.model, entropy=t.entropy,
+                               top_logprobs=t.top_logprobs, timeout_s=t.timeout_s, retries=t.retries,
+                               backoff_s=t.backoff_s, max_in_flight=t.max_in_flight,
+                               rows_per_request=cfg.optim.micro_batch_size)
+        served.connect(tokenizer, top_k=min(cfg.objective_config().top_k, vocab_size),
+                       check_tokenizer=t.check_tokenizer)
+        if os.environ.get("RANK", "0") == "0":
+            print(served.describe(), flush=True)
+        return served, None, vocab_size
+    teacher_device, teacher_dtype = teacher_placement(m, device, int(os.environ.get("WORLD_SIZE", "1")))
+    teacher_model = load_causal_lm(m.teacher, device=teacher_device, dtype=teacher_dtype,
+                                   trust_remote_code=m.trust_remote_code)
     teacher_model.requires_grad_(False)
     vocab_size = aligned_vocab_size(teacher_model, student, tokenizer)
     teacher = HFTeacher(teacher_model, vocab_size, cfg.rollout.temperature, cfg.optim.micro_batch_size,
-                        cfg.chunk_size)
+                        cfg.chunk_size, entropy=t.entropy, entropy_top_k=t.top_logprobs,
+                        max_tokens_per_micro_batch=cfg.optim.max_tokens_per_micro_batch)
     return teacher, teacher_model, vocab_size
+
+
+def build_student(cfg: TrainConfig, device: torch.device, checkpoint: Path | None = None) -> torch.nn.Module:
+    """The student, float32 on ``device``: ``models.student`` itself or, from a checkpoint, its saved weights.
+
+    With ``models.lora`` the base is always ``models.student`` (frozen, so a checkpoint need not hold it),
+    wrapped with fresh adapters (seeded by ``seed``) or the checkpoint's; only the adapters require gradients.
+
+    Raises:
+        CheckpointMismatchError: the checkpoint holds the other kind of student, or an adapter of other settings.
+        CheckpointError, ModelLoadError: it does not load.
+    """
+    m = cfg.models
+    folder = None if checkpoint is None else ckpt.student_folder(checkpoint, lora=m.lora is not None)
+    if m.lora is None:
+        return load_causal_lm(folder or m.student, device=device, dtype=torch.float32,
+                              trust_remote_code=m.trust_remote_code)
+    from eopd import lora
+
+    if folder is not None and (why := lora.adapter_mismatch(folder, m.lora)) is not None:
+        raise ckpt.CheckpointMismatchError(f"{why}; resume with the run's own models.lora settings")
+    base = load_causal_lm(m.student, device=device, dtype=torch.float32, trust_remote_code=m.trust_remote_code)
+    if folder is None:
+        return lora.apply_lora(base, m.lora, seed=cfg.seed)
+    return lora.load_adapter(base, folder)
 
 
 def build_components(cfg: TrainConfig) -> Components:
@@ -210,22 +290,29 @@ def build_components(cfg: TrainConfig) -> Components:
     tokenizer = load_tokenizer(m.tokenizer or m.student, m.trust_remote_code)
     resolve_chat_template(tokenizer, cfg.data.chat_template)  # before any model loads
 
-    def load_student(path: str | Path) -> torch.nn.Module:
-        return load_causal_lm(path, device=device, dtype=torch.float32, trust_remote_code=m.trust_remote_code)
-
+    # the global RNG feeds what has no generator of its own (LoRA dropout): seeded, so a fresh run repeats;
+    # a resumed run gets the checkpoint's state back in restore_state
+    torch.manual_seed(cfg.seed * 1_000_003 + accelerator.process_index)
     resume_from, state = None, None
+    say = (lambda msg: print(msg, flush=True)) if accelerator.is_main_process else (lambda msg: None)
     if cfg.resume:
-        say = (lambda msg: print(msg, flush=True)) if accelerator.is_main_process else (lambda msg: None)
-        found = ckpt.load_newest(out, lambda p: (load_student(p / "model"), ckpt.load_trainer_state(p)), say=say,
-                                 move_aside=accelerator.is_main_process)
+        found = ckpt.load_newest(out, lambda p: (build_student(cfg, device, p), ckpt.load_trainer_state(p)),
+                                 say=say, move_aside=accelerator.is_main_process)
         accelerator.wait_for_everyone()
         if found is None:
             say(f"resume=true but {out / 'checkpoints'} holds no complete checkpoint: starting fresh")
         else:
             resume_from, (student, state) = found[0], found[1]
     if resume_from is None:
-        student = load_student(m.student)
-    teacher, teacher_model, vocab_size = build_teacher(cfg, student, tokenizer, device, dtype)
+        student = build_student(cfg, device)
+    if m.lora is not None:
+        from eopd.lora import describe
+
+        say(describe(student))
+    if cfg.optim.gradient_checkpointing and not getattr(student, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"optim.gradient_checkpointing: {type(student).__name__} does not support it; "
+                          "set optim.gradient_checkpointing=false")
+    teacher, teacher_model, vocab_size = build_teacher(cfg, student, tokenizer, device)
     obj = cfg.objective_config()
     if obj.top_k > vocab_size:
         raise ConfigError(f"loss.top_k: {obj.top_k} exceeds the vocabulary ({vocab_size} tokens)")

@@ -10,8 +10,10 @@ types are caught by ``from_dict`` before any model is touched.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,44 @@ class TinyModelSpec:
                  f"must be > 0, got {self.max_position_embeddings}")
 
 
+#: Module names that are a causal LM's input or output embedding in common Hugging Face models: a LoRA
+#: adapter there is refused (``eopd.lora.check_embeddings_not_adapted`` has the reason and the exact check).
+EMBEDDING_MODULE_NAMES = ("lm_head", "embed_tokens", "wte", "embed_out", "word_embeddings")
+
+
+@dataclass
+class LoraSpec:
+    """A LoRA student through peft (``pip install 'eopd[peft]'``): only the low-rank adapters on
+    ``target_modules`` train, the base weights stay frozen, checkpoints hold the adapter alone (docs/scaling.md)."""
+
+    r: int = field(default=16, metadata=_help("adapter rank"))
+    alpha: float = field(default=32.0, metadata=_help("scale numerator: the update is (alpha / r) * B @ A"))
+    dropout: float = field(default=0.0, metadata=_help(
+        "dropout on the adapter's input while training; 0 keeps the first PPO ratio exactly 1 (the learner's "
+        "log-probs are computed in eval mode)"))
+    target_modules: list[str] | str = field(default="all-linear", metadata=_help(
+        "module names to adapt, a list or comma-separated (Qwen3: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
+        "down_proj), or all-linear (peft: every linear layer but the output layer); the lm_head and the "
+        "embeddings are refused"))
+
+    def __post_init__(self) -> None:
+        require(self.r > 0, "models.lora.r", f"must be > 0, got {self.r}")
+        require(self.alpha > 0, "models.lora.alpha", f"must be > 0, got {self.alpha}")
+        require(0 <= self.dropout < 1, "models.lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        targets = self.target_modules
+        if isinstance(targets, str):
+            targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+        require(isinstance(targets, str) or (isinstance(targets, list) and bool(targets)
+                                             and all(isinstance(t, str) and t.strip() for t in targets)),
+                "models.lora.target_modules", f"must be module names or all-linear, got {self.target_modules!r}")
+        adapted_heads = [] if isinstance(targets, str) else [t for t in targets if t in EMBEDDING_MODULE_NAMES]
+        require(not adapted_heads, "models.lora.target_modules",
+                f"{adapted_heads[0] if adapted_heads else ''!r} is an embedding/lm_head: the fused loss reads the "
+                "lm_head weight directly, which peft leaves as the frozen base weight, so that adapter would get "
+                "no gradient; adapt the decoder layers (e.g. q_proj,v_proj or all-linear)")
+        self.target_modules = targets
+
+
 @dataclass
 class ModelsConfig:
     """Teacher and student: local folders (save_pretrained) or Hub ids."""
@@ -67,6 +107,14 @@ class ModelsConfig:
     tokenizer: str | None = field(default=None, metadata=_help("tokenizer path/id (default: the student's)"))
     dtype: str = field(default="auto", metadata=_help("auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16"))
     device: str = field(default="auto", metadata=_help("auto | cpu | cuda | cuda:N"))
+    teacher_device: str = field(default="auto", metadata=_help(
+        "in-process teacher's device: auto (the student's) | cpu | cuda | cuda:N (one process only); its "
+        "scores come back to the student's device"))
+    teacher_dtype: str = field(default="auto", metadata=_help(
+        "teacher weights: auto (models.dtype, resolved for the teacher's device) | float32 | bfloat16 | float16"))
+    lora: LoraSpec | None = field(default=None, metadata=_help(
+        "train LoRA adapters instead of every weight (needs peft): {r: 16, alpha: 32, dropout: 0, target_modules: "
+        "all-linear}, e.g. models.lora.r=16 (docs/scaling.md); absent: full fine-tuning"))
     trust_remote_code: bool = field(default=False, metadata=_help("allow model code from the Hub (off)"))
     build_teacher: TinyModelSpec | None = field(
         default=None, metadata=_help("build a tiny random teacher at `teacher` when the folder is missing"))
@@ -87,6 +135,10 @@ class ModelsConfig:
         require(bool(self.student), "models.student", "is required (a local folder or a Hub id)")
         require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "models.dtype",
                  f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        require(self.teacher_dtype in ("auto", "float32", "bfloat16", "float16"), "models.teacher_dtype",
+                 f"must be auto, float32, bfloat16 or float16, got {self.teacher_dtype!r}")
+        require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.teacher_device) is not None, "models.teacher_device",
+                 f"must be auto, cpu, cuda or cuda:N, got {self.teacher_device!r}")
         require(self.build_tokenizer in ("char", "math_bpe"), "models.build_tokenizer",
                  f"must be char or math_bpe, got {self.build_tokenizer!r}")
         require(self.build_vocab_size >= MIN_VOCAB_SIZE, "models.build_vocab_size",
@@ -164,8 +216,13 @@ class RolloutConfig:
     max_new_tokens: int = field(default=32, metadata=_help("completion budget"))
     temperature: float = field(default=1.0, metadata=_help("sampling AND loss temperature"))
     top_p: float = field(default=1.0, metadata=_help("must be 1: training samples the full distribution"))
+    max_batch_size: int | None = field(default=None, metadata=_help(
+        "sequences generated at once per process (bounds the KV cache; the samples for a seed do not change). "
+        "Default: the process's whole share of the step"))
 
     def __post_init__(self) -> None:
+        require(self.max_batch_size is None or self.max_batch_size > 0, "rollout.max_batch_size",
+                f"must be > 0 (or unset), got {self.max_batch_size}")
         require(self.prompts_per_step > 0, "rollout.prompts_per_step", f"must be > 0, got {self.prompts_per_step}")
         require(self.n > 0, "rollout.n", f"must be > 0, got {self.n}")
         require(self.max_new_tokens > 0, "rollout.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
@@ -194,10 +251,20 @@ class OptimConfig:
     grad_clip: float = field(default=1.0, metadata=_help("max gradient norm (0 disables)"))
     minibatch_size: int = field(default=8, metadata=_help("sequences per optimizer update (recipe: 32 of 128)"))
     micro_batch_size: int = field(default=8, metadata=_help("sequences per forward/backward (memory)"))
+    max_tokens_per_micro_batch: int | None = field(default=None, metadata=_help(
+        "instead of micro_batch_size: rows sorted by length and packed under this many padded tokens "
+        "(rows x (prompt + completion width)) per forward/backward, for the teacher's scoring and the student's "
+        "update; the loss stays normalised by the global valid-token count. E.g. 32768"))
+    gradient_checkpointing: bool = field(default=False, metadata=_help(
+        "recompute activations in the backward of the update (less memory, ~1/3 more update compute); "
+        "sampling keeps its KV cache"))
     ppo_epochs: int = field(default=1, metadata=_help("passes over each rollout batch"))
     recompute_logp_old: bool = field(
         default=True, metadata=_help("old log-probs from the learner's own forward before the update (as verl "
                                      "does), so the PPO ratio starts at 1 even when sampling ran in bf16"))
+    diagnostics: bool = field(default=True, metadata=_help(
+        "log diag/* (each loss term's logit-gradient norm, their cosine, RKL gradient spread on high/low teacher "
+        "entropy tokens, applied clip coefficient) and role/* per token role (docs/metrics.md, Diagnostics)"))
 
     def __post_init__(self) -> None:
         require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
@@ -210,6 +277,8 @@ class OptimConfig:
         require(self.micro_batch_size > 0 and self.minibatch_size % self.micro_batch_size == 0,
                  "optim.micro_batch_size",
                  f"must divide optim.minibatch_size ({self.minibatch_size}), got {self.micro_batch_size}")
+        require(self.max_tokens_per_micro_batch is None or self.max_tokens_per_micro_batch > 0,
+                "optim.max_tokens_per_micro_batch", f"must be > 0 (or unset), got {self.max_tokens_per_micro_batch}")
         require(self.ppo_epochs > 0, "optim.ppo_epochs", f"must be > 0, got {self.ppo_epochs}")
 
 
@@ -219,7 +288,7 @@ class EvalConfig:
 
     every: int = field(default=0, metadata=_help("evaluate every N steps (0: never)"))
     split: str = field(default="test", metadata=_help("split of the task to evaluate on"))
-    problems: int = field(default=64, metadata=_help("problems per evaluation"))
+    problems: int = field(default=64, metadata=_help("problems per evaluation, from each benchmark (its first N)"))
     n: int = field(default=4, metadata=_help("samples per problem (Avg@n, pass@k)"))
     temperature: float = field(default=1.0, metadata=_help("sampling temperature"))
     top_p: float = field(default=1.0, metadata=_help("nucleus mass"))
@@ -232,6 +301,70 @@ class EvalConfig:
         require(0 < self.top_p <= 1, "eval.top_p", f"must be in (0, 1], got {self.top_p}")
         require(self.max_new_tokens is None or self.max_new_tokens > 0, "eval.max_new_tokens",
                 f"must be > 0, got {self.max_new_tokens}")
+
+
+@dataclass
+class TeacherConfig:
+    """Where the teacher runs: in-process (``models.teacher``) or behind OpenAI-compatible servers (``url``:
+    ``vllm serve MODEL --max-logprobs 20`` or ``eopd serve-teacher MODEL``; docs/served_teacher.md)."""
+
+    url: str | list[str] | None = field(default=None, metadata=_help(
+        "served teacher: base URL(s) ending in /v1, e.g. http://host:8000/v1; a list (or comma-separated) spreads "
+        "requests over servers. Unset: models.teacher is loaded in-process"))
+    model: str | None = field(default=None, metadata=_help("model name sent to the server (default: the first "
+                                                           "GET /v1/models lists)"))
+    entropy: str = field(default="auto", metadata=_help(
+        "gate entropy: auto (exact when available: in-process, or a server that sends prompt_entropies; else the "
+        "top-k estimate) | exact (required) | topk (estimate from top_logprobs alone, also in-process)"))
+    top_logprobs: int = field(default=20, metadata=_help("top-k log-probs the top-k entropy estimate reads "
+                                                         "(vLLM's default --max-logprobs is 20)"))
+    timeout_s: float = field(default=120.0, metadata=_help("deadline of one scoring request, seconds"))
+    retries: int = field(default=3, metadata=_help("further attempts after a failed request (next server, "
+                                                   "exponential backoff)"))
+    backoff_s: float = field(default=1.0, metadata=_help("wait before the first retry (doubled each retry)"))
+    max_in_flight: int = field(default=4, metadata=_help("scoring requests in flight at once (one per micro-batch)"))
+    check_tokenizer: bool = field(default=True, metadata=_help(
+        "at start, compare the server's /tokenize ids for a probe text with the local tokenizer's"))
+
+    def __post_init__(self) -> None:
+        require(self.entropy in ("auto", "exact", "topk"), "teacher.entropy",
+                 f"must be auto, exact or topk, got {self.entropy!r}")
+        require(self.top_logprobs >= 1, "teacher.top_logprobs", f"must be >= 1, got {self.top_logprobs}")
+        require(self.timeout_s > 0, "teacher.timeout_s", f"must be > 0, got {self.timeout_s}")
+        require(self.retries >= 0, "teacher.retries", f"must be >= 0, got {self.retries}")
+        require(self.backoff_s >= 0, "teacher.backoff_s", f"must be >= 0, got {self.backoff_s}")
+        require(self.max_in_flight >= 1, "teacher.max_in_flight", f"must be >= 1, got {self.max_in_flight}")
+        for url in self.urls:
+            require(_is_http_url(url), "teacher.url", f"must be http(s)://host:port/v1 URLs, got {url!r}")
+
+    @property
+    def urls(self) -> list[str]:
+        """The server URLs (empty: in-process teacher)."""
+        items = self.url if isinstance(self.url, list) else [self.url] if self.url else []
+        items = [part for item in items for part in (item.split(",") if isinstance(item, str) else [item])]
+        require(all(isinstance(u, str) for u in items), "teacher.url", f"must be URL strings, got {self.url!r}")
+        return [u.strip() for u in items if u.strip()]
+
+
+def _is_http_url(url: str) -> bool:
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def check_served_teacher(cfg: TrainConfig) -> None:
+    """A served teacher's log-probs are at temperature 1 and top-k only: refuse what it cannot score."""
+    if not cfg.teacher.urls:
+        return
+    require(cfg.rollout.temperature == 1, "rollout.temperature",
+            f"must be 1 with a served teacher (teacher.url), got {cfg.rollout.temperature}: served log-probs are "
+            "the temperature-1 teacher's and cannot be moved to another temperature from the top-k alone")
+    require(not cfg.objective_config().needs_teacher_logits, "objective",
+            f"{cfg.objective!r} reads the teacher's full distribution, which a served teacher (teacher.url) does "
+            "not return; use a top-k objective (eopd, opd, ...) or an in-process teacher")
 
 
 @dataclass
@@ -259,6 +392,7 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata=_help("sampling"))
     optim: OptimConfig = field(default_factory=OptimConfig, metadata=_help("optimizer"))
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=_help("periodic evaluation"))
+    teacher: TeacherConfig = field(default_factory=TeacherConfig, metadata=_help("in-process or served teacher"))
 
     def __post_init__(self) -> None:
         require(self.max_steps > 0, "max_steps", f"must be > 0, got {self.max_steps}")
@@ -271,6 +405,7 @@ class TrainConfig:
                  f"must divide the rollout batch (rollout.prompts_per_step * rollout.n = {self.rollout.batch_size}),"
                  f" got {self.optim.minibatch_size}")
         self.objective_config()  # validates objective + loss overrides now
+        check_served_teacher(self)
 
     def objective_config(self) -> ObjectiveConfig:
         """The loss: preset ``objective`` with ``loss`` overrides and the rollout temperature."""

@@ -62,6 +62,23 @@ class Rollout:
             prompt_index_B=self.prompt_index_B[rows],
         )
 
+    def trimmed(self) -> Rollout:
+        """The same rows without the columns that are padding in all of them: leading prompt columns no row
+        uses and completion columns past the longest valid completion (at least one is kept). Positions come
+        from the attention mask, so every valid position sees the same inputs."""
+        P = self.prompt_len
+        left = int(self.attention_mask_BL[:, :P].any(0).long().argmax())  # every prompt has a token
+        T = max(int(self.completion_mask_BT.sum(1).max()), 1)
+        return Rollout(
+            sequences_BL=self.sequences_BL[:, left : P + T],
+            attention_mask_BL=self.attention_mask_BL[:, left : P + T],
+            prompt_len=P - left,
+            completion_ids_BT=self.completion_ids_BT[:, :T],
+            completion_mask_BT=self.completion_mask_BT[:, :T],
+            logp_old_BT=self.logp_old_BT[:, :T],
+            prompt_index_B=self.prompt_index_B,
+        )
+
 
 def left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists into ``(input_ids_BP, attention_mask_BP)``."""
@@ -115,11 +132,78 @@ def completion_mask_from_ids(
     return mask
 
 
+def _forward_params(model: torch.nn.Module) -> set[str]:
+    """Named parameters of the forward that does the work (a ``PeftModel`` forwards ``**kwargs`` to its base)."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    return set(inspect.signature(getattr(base, "forward", base)).parameters)
+
+
 def _cache_keyword(model: torch.nn.Module) -> str:
     """``cache`` in transformers >= 5.2x, ``past_key_values`` before (the same object either way)."""
-    forward = getattr(model, "forward", model)
-    params = inspect.signature(forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return "cache" if "cache" in _forward_params(model) else "past_key_values"
+
+
+def inverse_cdf_sample(probs_BV: torch.Tensor, uniform_B: torch.Tensor) -> torch.Tensor:
+    """Token ids drawn from ``probs_BV`` (rows need not be normalised) with the given uniforms in [0, 1).
+
+    Why not ``torch.multinomial``: its draws depend on which rows share the call, so the same seed would give
+    other samples when the batch is split (``rollout.max_batch_size``); here row b's token is a function of its
+    own probabilities and ``uniform_B[b]`` alone. The cumulative sum is float64 (a float32 sum over 151,936
+    entries drifts by ~1e-5), and ``right=True`` never picks a zero-probability id.
+    """
+    cdf_BV = probs_BV.double().cumsum(-1)
+    target_B1 = uniform_B.double()[:, None] * cdf_BV[:, -1:]
+    return torch.searchsorted(cdf_BV, target_B1, right=True).squeeze(1).clamp_max(probs_BV.shape[-1] - 1)
+
+
+def _sample_rows(
+    model: torch.nn.Module,
+    ids_BP: torch.Tensor,
+    mask_BP: torch.Tensor,
+    uniform_BT: torch.Tensor,
+    *,
+    temperature: float,
+    top_p: float,
+    eos: torch.Tensor,
+    pad_token_id: int,
+    vocab_size: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample completions of one group of rows; returns ``(tokens_BT, logp_BT)`` with ``T`` <= the budget (the
+    loop stops when every row has ended)."""
+    B = ids_BP.shape[0]
+    params = _forward_params(model)
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    # the prompt's prefill only needs the last position's logits (not [B, P, V])
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    tokens: list[torch.Tensor] = []
+    logps: list[torch.Tensor] = []
+    finished_B = torch.zeros(B, dtype=torch.bool, device=ids_BP.device)
+    attn_BL, input_ids, position_ids, past = mask_BP, ids_BP, position_ids_from_mask(mask_BP), None
+    for t in range(uniform_BT.shape[1]):
+        out = model(input_ids=input_ids, attention_mask=attn_BL, position_ids=position_ids, use_cache=True,
+                    **keep, **{cache_kw: past})
+        past = getattr(out, cache_kw)
+        logits_BV = out.logits[:, -1, :].float() / temperature
+        if vocab_size is not None and logits_BV.shape[-1] > vocab_size:
+            logits_BV[:, vocab_size:] = float("-inf")
+        logp_BV = torch.log_softmax(logits_BV, dim=-1)
+        probs_BV = logp_BV.exp() if top_p >= 1.0 else torch.softmax(top_p_filter(logits_BV, top_p), dim=-1)
+        next_B = inverse_cdf_sample(probs_BV, uniform_BT[:, t])
+        next_B = torch.where(finished_B, torch.full_like(next_B, pad_token_id), next_B)
+        tokens.append(next_B)
+        logps.append(logp_BV.gather(-1, next_B[:, None]).squeeze(1))
+        finished_B = finished_B | torch.isin(next_B, eos)
+        if bool(finished_B.all()):
+            break
+        input_ids = next_B[:, None]
+        position_ids = position_ids[:, -1:] + 1
+        attn_BL = torch.cat([attn_BL, torch.ones((B, 1), dtype=attn_BL.dtype, device=attn_BL.device)], dim=1)
+    return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
+
+
+def _pad_columns(x_BT: torch.Tensor, width: int, value: float) -> torch.Tensor:
+    """``x_BT`` right-padded with ``value`` to ``width`` columns."""
+    return torch.nn.functional.pad(x_BT, (0, width - x_BT.shape[1]), value=value)
 
 
 @torch.no_grad()
@@ -135,12 +219,17 @@ def sample(
     pad_token_id: int,
     generator: torch.Generator,
     vocab_size: int | None = None,
+    max_batch_size: int | None = None,
 ) -> Rollout:
-    """Sample ``n`` completions per prompt with a KV cache.
+    """Sample ``n`` completions per prompt with a KV cache, at most ``max_batch_size`` sequences at once.
+
+    Every row's uniforms (one per completion position) are drawn from ``generator`` before any forward, and
+    each row is sampled from them by inverse CDF (``inverse_cdf_sample``), so the samples for a seed do not
+    depend on ``max_batch_size``: it only bounds the KV cache (rows x (prompt + completion) x layers).
 
     Args:
         model: A Hugging Face causal LM (called as ``model(input_ids, attention_mask, position_ids,
-            past_key_values, use_cache=True)``).
+            cache, use_cache=True)``).
         prompt_ids: Token ids of each prompt (no padding).
         n: Completions per prompt; rows are grouped prompt-major (``prompt_index_B = [0]*n + [1]*n + ...``).
         max_new_tokens: ``T``, the completion budget.
@@ -150,57 +239,32 @@ def sample(
         pad_token_id: Filler after the end (may equal an EOS id).
         generator: Source of randomness; must live on the model's device.
         vocab_size: Tokenizer vocabulary; logits past it (padded lm_head rows) are never sampled.
+        max_batch_size: Rows per generation pass (None: all at once).
 
     Returns:
-        A ``Rollout`` on the model's device.
+        A ``Rollout`` on the model's device; every group is left-padded to the same prompt width ``P``.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not eos_token_ids:
         raise ValueError("eos_token_ids must name at least one token")
+    if max_batch_size is not None and max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
     device = next(model.parameters()).device
     ids_BP, mask_BP = left_pad([p for p in prompt_ids for _ in range(n)], pad_token_id)
     ids_BP, mask_BP = ids_BP.to(device), mask_BP.to(device)
     B, P = ids_BP.shape
     prompt_index_B = torch.arange(len(prompt_ids), device=device).repeat_interleave(n)
     eos = torch.tensor(list(eos_token_ids), device=device)
-
-    tokens: list[torch.Tensor] = []
-    logps: list[torch.Tensor] = []
-    finished_B = torch.zeros(B, dtype=torch.bool, device=device)
-    attn_BL = mask_BP
-    input_ids = ids_BP
-    position_ids = position_ids_from_mask(mask_BP)
-    cache_kw = _cache_keyword(model)
-    past = None
-    for _ in range(max_new_tokens):
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attn_BL,
-            position_ids=position_ids,
-            use_cache=True,
-            **{cache_kw: past},
-        )
-        past = getattr(out, cache_kw)
-        logits_BV = out.logits[:, -1, :].float() / temperature
-        if vocab_size is not None and logits_BV.shape[-1] > vocab_size:
-            logits_BV[:, vocab_size:] = float("-inf")
-        logp_BV = torch.log_softmax(logits_BV, dim=-1)
-        probs = torch.softmax(top_p_filter(logits_BV, top_p), dim=-1)
-        next_B = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        next_B = torch.where(finished_B, torch.full_like(next_B, pad_token_id), next_B)
-        tokens.append(next_B)
-        logps.append(logp_BV.gather(-1, next_B[:, None]).squeeze(1))
-        finished_B = finished_B | torch.isin(next_B, eos)
-        if bool(finished_B.all()):
-            break
-        input_ids = next_B[:, None]
-        position_ids = position_ids[:, -1:] + 1
-        attn_BL = torch.cat([attn_BL, torch.ones((B, 1), dtype=attn_BL.dtype, device=device)], dim=1)
-
-    completion_BT = torch.stack(tokens, dim=1)
+    uniform_BT = torch.rand((B, max_new_tokens), generator=generator, device=generator.device).to(device)
+    size = max_batch_size or B
+    parts = [_sample_rows(model, ids_BP[s : s + size], mask_BP[s : s + size], uniform_BT[s : s + size],
+                          temperature=temperature, top_p=top_p, eos=eos, pad_token_id=pad_token_id,
+                          vocab_size=vocab_size) for s in range(0, B, size)]
+    T = max(tokens.shape[1] for tokens, _ in parts)
+    completion_BT = torch.cat([_pad_columns(tokens, T, pad_token_id) for tokens, _ in parts])
     cmask_BT = completion_mask_from_ids(completion_BT, list(eos_token_ids))
-    logp_old_BT = torch.stack(logps, dim=1) * cmask_BT
+    logp_old_BT = torch.cat([_pad_columns(logp, T, 0.0) for _, logp in parts]) * cmask_BT
     return Rollout(
         sequences_BL=torch.cat([ids_BP, completion_BT], dim=1),
         attention_mask_BL=torch.cat([mask_BP, cmask_BT.long()], dim=1),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -22,6 +22,7 @@ from eopd.errors import UserError
 from eopd.forward import completion_hidden_states, completion_logits
 from eopd.losses.scoring import score_chunked, score_from_logits
 from eopd.losses.topk_entropy import gate_undecided, topk_entropy_bounds, topk_entropy_estimate
+from eopd.microbatch import micro_batches
 from eopd.rollout import Rollout
 
 Tensor = torch.Tensor
@@ -64,8 +65,8 @@ class TeacherScores:
     entropy_upper_BT: Tensor | None = None
     tokens_per_s: float | None = None
 
-    def select(self, rows: Tensor | slice) -> TeacherScores:
-        """The scores of some rollout rows."""
+    def select(self, rows: Tensor | slice | tuple[slice, slice]) -> TeacherScores:
+        """The scores of some rollout rows (or, with a ``(rows, positions)`` pair, of some of their positions)."""
         pick = lambda x: None if x is None else x[rows]  # noqa: E731
         return TeacherScores(**{f: pick(getattr(self, f)) for f in ROW_FIELDS}, head=self.head,
                              tokens_per_s=self.tokens_per_s)
@@ -80,6 +81,16 @@ def concat_scores(parts: list[TeacherScores]) -> TeacherScores:
     cat = lambda xs: None if xs[0] is None else torch.cat(xs)  # noqa: E731
     return TeacherScores(**{f: cat([getattr(p, f) for p in parts]) for f in ROW_FIELDS}, head=parts[0].head,
                          tokens_per_s=parts[0].tokens_per_s)
+
+
+def padded_scores(scores: TeacherScores, width: int) -> TeacherScores:
+    """``scores`` of a trimmed rollout padded back to ``width`` completion positions (zeros past the end)."""
+    def pad(x: Tensor | None) -> Tensor | None:
+        if x is None or x.shape[1] == width:
+            return x
+        return torch.cat([x, x.new_zeros((x.shape[0], width - x.shape[1], *x.shape[2:]))], dim=1)
+
+    return dataclasses.replace(scores, **{f: pad(getattr(scores, f)) for f in ROW_FIELDS})
 
 
 def topk_only_scores(logp_BT: Tensor, topk_ids_BTK: Tensor, topk_logprobs_BTK: Tensor, *, top_k: int,
@@ -136,14 +147,25 @@ class Teacher(Protocol):
         ...
 
 
+def _moved(obj: Any, device: torch.device) -> Any:
+    """A copy of dataclass ``obj`` with its tensor fields on ``device`` (the others as they are)."""
+    return dataclasses.replace(obj, **{f.name: getattr(obj, f.name).to(device) for f in dataclasses.fields(obj)
+                                       if isinstance(getattr(obj, f.name), Tensor)})
+
+
 class HFTeacher:
     """A Hugging Face causal LM as teacher.
+
+    The model may live on another device than the student (``models.teacher_device``): each rollout is
+    moved to it and the scores come back on the rollout's device.
 
     Args:
         model: The teacher (eval mode, no grad).
         vocab_size: Aligned vocabulary (the tokenizer's); padded lm_head rows are dropped.
         temperature: Same as sampling.
         micro_batch_size: Rollout rows per forward.
+        max_tokens_per_micro_batch: Instead, rows sorted by length and packed under this many padded tokens
+            per forward (``eopd.microbatch``; the training config's ``optim.max_tokens_per_micro_batch``).
         chunk_size: Positions per lm_head chunk (None: the scorer's memory-budget default).
         entropy: ``exact`` (or ``auto``): the full-vocabulary entropy; ``topk``: only the top
             ``entropy_top_k`` are used, through ``topk_only_scores`` (the served teacher's gate, measured
@@ -152,13 +174,16 @@ class HFTeacher:
     """
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, temperature: float, micro_batch_size: int = 8,
-                 chunk_size: int | None = None, entropy: str = "exact", entropy_top_k: int = 20) -> None:
+                 chunk_size: int | None = None, entropy: str = "exact", entropy_top_k: int = 20,
+                 max_tokens_per_micro_batch: int | None = None) -> None:
         if entropy not in ENTROPY_MODES:
             raise ValueError(f"entropy must be one of {ENTROPY_MODES}, got {entropy!r}")
         self.model = model.eval()
+        self.device = next(model.parameters()).device
         self.vocab_size = vocab_size
         self.temperature = temperature
         self.micro_batch_size = micro_batch_size
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.chunk_size = chunk_size
         self.topk_entropy = entropy == "topk"
         self.entropy_top_k = entropy_top_k
@@ -174,9 +199,22 @@ class HFTeacher:
             want_hidden: Also return the final hidden states and the lm_head (exact baselines, fused path).
         """
         B = rollout.completion_ids_BT.shape[0]
-        return concat_scores([self._score_rows(rollout.select(slice(s, s + self.micro_batch_size)), top_k,
-                                               want_logits, want_hidden)
-                              for s in range(0, B, self.micro_batch_size)])
+        home = rollout.completion_ids_BT.device  # the student's: the teacher may sit elsewhere
+        if home != self.device:
+            rollout = _moved(rollout, self.device)
+        groups = micro_batches(rollout, torch.arange(B, device=self.device), size=self.micro_batch_size,
+                               max_tokens=self.max_tokens_per_micro_batch)
+        T = rollout.completion_ids_BT.shape[1]
+        scores = concat_scores([padded_scores(self._score_rows(rollout.select(g).trimmed(), top_k, want_logits,
+                                                               want_hidden), T) for g in groups])
+        order = torch.cat(groups)
+        if not torch.equal(order, torch.arange(B, device=self.device)):
+            scores = scores.select(torch.argsort(order))  # back to the rollout's row order
+        if home == self.device:
+            return scores
+        head = None if scores.head is None else (scores.head[0].to(home), None if scores.head[1] is None
+                                                 else scores.head[1].to(home))
+        return dataclasses.replace(_moved(scores, home), head=head)
 
     def _score_rows(self, rollout: Rollout, top_k: int, want_logits: bool, want_hidden: bool) -> TeacherScores:
         tokens_BT = rollout.completion_ids_BT

@@ -13,6 +13,7 @@ that complete step. A second Ctrl-C exits at once without saving (the last check
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import signal
@@ -29,6 +30,8 @@ from eopd.collect import collect_batch, step_prompt_indices
 from eopd.components import Components, build_components
 from eopd.config import TrainConfig, to_dict
 from eopd.folders import atomic_folder, save_model_folder
+from eopd.step_metrics import reduce_step
+from eopd.tasks.base import Problem
 from eopd.teacher import TeacherUnavailableError
 from eopd.tracking import MetricsLogger, truncate_metrics
 from eopd.update import ppo_update
@@ -39,13 +42,16 @@ def step(c: Components) -> dict[str, float]:
     cfg, r = c.cfg, c.cfg.rollout
     prompts = step_prompt_indices(len(c.problems), c.state.data_position, r.prompts_per_step, cfg.seed, c.rank,
                                   c.world)
+    roles = getattr(c.task, "token_roles", None)
     with c.autocast():
         batch = collect_batch(
             c.student, c.teacher, [c.prompt_ids[i] for i in prompts], obj=c.obj, n=r.n,
             max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, eos_ids=c.eos_ids,
             pad_id=c.tokenizer.pad_token_id, vocab_size=c.vocab_size, sample_generator=c.generators["sample"],
             loss_generator=c.generators["loss"], adaptive=c.adaptive, fused=cfg.loss_impl == "fused",
-            mean_over_processes=lambda x: float(c.reduce_sum(torch.tensor([x], device=c.device))[0]) / c.world)
+            mean_over_processes=lambda x: float(c.reduce_sum(torch.tensor([x], device=c.device))[0]) / c.world,
+            token_roles=functools.partial(roles, c.tokenizer) if callable(roles) and cfg.optim.diagnostics else None,
+            max_batch_size=r.max_batch_size)
     t1 = time.perf_counter()
     lr = c.optimizer.param_groups[0]["lr"]
     sums, grad_norms = ppo_update(
@@ -58,20 +64,15 @@ def step(c: Components) -> dict[str, float]:
     c.state.data_position += r.prompts_per_step
 
     sums.update({k: sums.get(k, 0.0) + v for k, v in batch.token_sums.items()})
-    extremes = {k: sums.pop(k) for k in sorted(sums) if k.endswith(("_min", "_max"))}
-    keys = sorted(sums)
-    grad_norm = sum(grad_norms) / max(len(grad_norms), 1)
-    local = [sums[k] for k in keys] + [float(batch.rollout.completion_mask_BT.sum()), float(batch.num_rows), grad_norm]
-    total = c.reduce_sum(torch.tensor(local, dtype=torch.float64, device=c.device)).tolist()
-    tokens, rows = total[-3], total[-2]
-    metrics = {k: total[i] / max(tokens, 1.0) for i, k in enumerate(keys) if k != "num_valid"}
-    signs = torch.tensor([-1.0 if k.endswith("_min") else 1.0 for k in extremes], dtype=torch.float64)
-    signed = torch.tensor(list(extremes.values()), dtype=torch.float64) * signs
-    metrics.update(zip(extremes, (c.reduce_max(signed.to(c.device)).cpu() * signs).tolist(), strict=True))
+    metrics, tokens, rows, grad_norm = reduce_step(
+        sums, tokens=float(batch.rollout.completion_mask_BT.sum()), rows=float(batch.num_rows),
+        grad_norm=sum(grad_norms) / max(len(grad_norms), 1),
+        reduce_sum=lambda x: c.reduce_sum(x.to(c.device)).cpu(),
+        reduce_max=lambda x: c.reduce_max(x.to(c.device)).cpu(), all_keys=c.all_keys)
     times = {**batch.seconds, "update": t2 - t1}
     metrics.update({
         "tau": batch.weights.tau if math.isfinite(batch.weights.tau) else float("nan"),
-        "response_length": tokens / max(rows, 1.0), "tokens": tokens, "lr": lr, "grad_norm": total[-1] / c.world,
+        "response_length": tokens / max(rows, 1.0), "tokens": tokens, "lr": lr, "grad_norm": grad_norm / c.world,
         **{f"time/{k}": v for k, v in times.items()},
         **{f"tokens_per_s/{k}": tokens / max(v, 1e-9) for k, v in times.items()},
     })
@@ -107,7 +108,7 @@ def evaluate(c: Components) -> dict[str, float]:
     from eopd.evaluation import evaluate_problems, names_paths, result_from_records
 
     e = c.cfg.eval
-    problems = c.task.problems(e.split)[: e.problems][c.rank :: c.world]
+    problems = first_of_each_benchmark(c.task.problems(e.split), e.problems)[c.rank :: c.world]
     g = torch.Generator(device=c.generators["sample"].device).manual_seed(c.cfg.seed + 12_345)
     local = evaluate_problems(
         c.student, c.tokenizer, problems, c.task, n=e.n, temperature=e.temperature, top_p=e.top_p,
@@ -121,6 +122,19 @@ def evaluate(c: Components) -> dict[str, float]:
     metrics = {f"eval/{k}": v for k, v in result.metrics.items() if k != "num_problems"}
     metrics["eval/avg@n"] = metrics.pop(f"eval/avg@{e.n}")
     return metrics
+
+
+def first_of_each_benchmark(problems: list[Problem], n: int) -> list[Problem]:
+    """The first ``n`` problems of each benchmark (``meta["benchmark"]``), in order: a budget per benchmark, so
+    an evaluation on several benchmarks covers every one of them."""
+    seen: dict[str, int] = {}
+    out = []
+    for p in problems:
+        b = str(p.meta.get("benchmark", ""))
+        seen[b] = seen.get(b, 0) + 1
+        if seen[b] <= n:
+            out.append(p)
+    return out
 
 
 def save(c: Components) -> Path | None:
@@ -137,11 +151,19 @@ def save(c: Components) -> Path | None:
 
 
 def save_final(c: Components) -> Path:
-    """The trained student (+ tokenizer) at ``OUTPUT_DIR/final``, written atomically, never over another."""
+    """The trained student (+ tokenizer) at ``OUTPUT_DIR/final``, written atomically, never over another.
+
+    A LoRA student is saved twice: merged into its base at ``final`` (plain transformers loads it) and as the
+    adapter alone at ``final/adapter`` (peft loads it onto ``models.student``)."""
+    from eopd.lora import is_lora, save_final_folder
+
     final = c.out / "final"
     if c.is_main:
         with atomic_folder(final) as tmp:
-            save_model_folder(tmp, c.student, c.tokenizer)
+            if is_lora(c.student):
+                save_final_folder(tmp, c.student, c.tokenizer, trust_remote_code=c.cfg.models.trust_remote_code)
+            else:
+                save_model_folder(tmp, c.student, c.tokenizer)
     return final
 
 
@@ -183,7 +205,8 @@ def prepare_output(c: Components) -> None:
                                    "choose another output_dir (nothing was overwritten)")
     c.out.mkdir(parents=True, exist_ok=True)
     (c.out / "config.json").write_text(json.dumps(to_dict(c.cfg), indent=2))
-    print(f"data: {c.task.describe()}", flush=True)
+    limited = f"; data.limit: training on the first {len(c.problems):,}" if c.cfg.data.limit else ""
+    print(f"data: {c.task.describe()}{limited}", flush=True)
     metrics = c.out / "metrics.jsonl"
     if c.resume_from is not None:
         truncate_metrics(metrics, c.state.step)

@@ -24,9 +24,12 @@ Two per-chunk kernels produce ``G_CV``:
   those ids, ``G = (scatter(g) - softmax(z) * sum(g)) / T``. One ``[C, V]`` buffer: the logits are read once
   for max / log-sum-exp / entropy (an online softmax over cache-sized column blocks) and rewritten once into
   ``G`` (``exp``, row scale and shift on each block while it is in cache), then the ``1 + K`` sparse
-  entries are added. ``topk_tail`` also reads ``log q_tail``, the student's log-mass outside the top-k: one
-  more read of the logits computes it exactly, and its gradient gets its own row scale outside the top-k
-  (``_tail_gradient``) instead of cancelling against the top-k entries.
+  entries are set and added (``_sparse_gradient``). ``topk_tail`` also reads ``log q_tail``, the student's
+  log-mass outside the top-k: one more read of the logits computes it exactly, and its gradient gets its
+  own row scale outside the top-k (``_tail_gradient``) instead of cancelling against the top-k entries.
+  With ``diagnostics`` each weighted term's logit-gradient norm and their dot product follow in closed form
+  from its gradient at the ids and ``sum q^2`` over the other ids, summed inside the same pass
+  (``sparse_grad_stats``); the generic kernel differentiates each term by autograd instead.
 - *generic* (exact KLs, JSD, skew KLs, AKL, ToDi, TVD): ``objectives.token_losses`` on
   the chunk's logits under autograd, with the teacher's chunk of logits recomputed from its hidden states
   (or gathered from precomputed teacher logits). Several ``[C, V]`` temporaries, so smaller chunks.
@@ -47,10 +50,13 @@ import torch.nn.functional as F
 
 from eopd.losses import divergences as D
 from eopd.losses.objectives import (
+    DIAG_KEYS,
     ObjectiveConfig,
     ObjectiveOutput,
     TokenBatch,
     TokenWeights,
+    has_term_split,
+    logit_grad_parts,
     objective,
     prepare_weights,
     require_field,
@@ -77,6 +83,8 @@ SPARSE_FKL = ("topk", "topk_tail", "importance", "none")
 #: Float32 ``[chunk, V]`` tensors alive at once, used to size the default chunk.
 SPARSE_BUFFERS, GENERIC_BUFFERS = 1, 4
 PART_KEYS = ("loss", "rkl", "fkl", "student_entropy", "logq")
+#: The weighted terms ``token_losses`` returns with their graphs (differentiated, never kept).
+TERM_KEYS = ("loss_rkl", "loss_fkl")
 
 
 def is_sparse(cfg: ObjectiveConfig) -> bool:
@@ -94,13 +102,8 @@ def fused_chunk_size(
 
 @dataclass
 class FusedOutput(ObjectiveOutput):
-    """``ObjectiveOutput`` plus the per-position parts (detached, flat ``[N]``, 0 at masked positions).
-
-    Attributes:
-        token_parts: ``"loss"``, ``"rkl"``, ``"fkl"``, ``"student_entropy"`` as in ``token_losses``.
-    """
-
-    token_parts: dict[str, Tensor] = field(default_factory=dict)
+    """``ObjectiveOutput`` whose ``token_parts`` are flat ``[N]`` (detached, 0 at masked positions):
+    ``PART_KEYS`` and, with ``diagnostics=True``, ``DIAG_KEYS``."""
 
 
 @dataclass
@@ -125,6 +128,12 @@ class _Plan:
     row_index: Tensor | None = None
     parts: dict[str, Tensor] = field(default_factory=dict)
     teacher_entropy: Tensor | None = None
+    diagnostics: bool = False
+
+    @property
+    def part_keys(self) -> tuple[str, ...]:
+        """The per-position parts every chunk returns."""
+        return PART_KEYS + (DIAG_KEYS if self.diagnostics else ())
 
 
 @dataclass
@@ -158,11 +167,15 @@ def _grad_wrt(loss_C: Tensor, leaf: Tensor, scale: float) -> Tensor:
     return _grads_wrt(loss_C, (leaf,), scale)[0]
 
 
-def _grads_wrt(loss_C: Tensor, leaves: tuple[Tensor, ...], scale: float) -> tuple[Tensor, ...]:
-    """``d (scale * loss_C.sum()) / d leaf`` for each leaf (zeros where the loss does not depend on it)."""
+def _grads_wrt(
+    loss_C: Tensor, leaves: tuple[Tensor, ...], scale: float, retain: bool = False
+) -> tuple[Tensor, ...]:
+    """``d (scale * loss_C.sum()) / d leaf`` for each leaf (zeros where the loss does not depend on it);
+    ``retain`` keeps the graph for a later call."""
     if not loss_C.requires_grad:
         return tuple(torch.zeros_like(leaf) for leaf in leaves)
-    grads = torch.autograd.grad(loss_C, leaves, grad_outputs=torch.full_like(loss_C, scale), allow_unused=True)
+    grads = torch.autograd.grad(loss_C, leaves, grad_outputs=torch.full_like(loss_C, scale), allow_unused=True,
+                                retain_graph=retain)
     return tuple(torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads, strict=True))
 
 
@@ -250,24 +263,170 @@ def _sparse_chunk(
     z_ids_CK = z_CV.gather(1, ids_CK)
     stats = softmax_stats(z_CV, bufs.tmp)
     lse_rest_C = _tail_logsumexp(z_CV, ids_CK[:, 1:], bufs.tmp) if cfg.fkl == "topk_tail" else None
+    scale = 1.0 / plan.denom if need_grad else 1.0
     with torch.enable_grad():
+        # log q at the read ids, once for the reverse-KL term and once (same values, a leaf of its own) for the
+        # forward-KL term: one backward gives each term's gradient, and their sum is exactly what autograd
+        # accumulates on a shared leaf (two addends commute), so the diagnostics cost no backward of their own
         logq_CK = (z_ids_CK - stats.lse.unsqueeze(1)).requires_grad_(True)
-        logq_topk_CK = logq_CK[:, 1:] if ids_CK.shape[1] > 1 else None
+        logq_f_CK = logq_CK.detach().clone().requires_grad_(True)
         logq_tail_C = None if lse_rest_C is None else (lse_rest_C - stats.lse).requires_grad_(True)
-        parts = sparse_token_losses(cfg, logq_CK[:, 0], logq_topk_CK, batch_c, weights_c, logq_tail_C)
-        grad_CV = None
-        if need_grad and logq_tail_C is not None:
-            g_CK, g_tail_C = _grads_wrt(parts["loss"], (logq_CK, logq_tail_C), 1.0 / plan.denom)
-            grad_CV = _tail_gradient(z_CV, ids_CK, z_ids_CK, stats.lse, lse_rest_C, g_CK, g_tail_C, t)
-        elif need_grad:
-            # d loss / d z = scatter(g) - softmax(z) * sum(g), softmax(z) = exp(z - m) / S; d z / d logits = 1 / T.
-            g_CK = _grad_wrt(parts["loss"], logq_CK, 1.0 / plan.denom)
-            coef_C = g_CK.sum(1).div_(stats.sum_exp).neg_().div_(t)
-            grad_CV = scaled_softmax_(z_CV, stats.row_max, coef_C).scatter_add_(1, ids_CK, g_CK.div_(t))
-    parts = {k: v.detach() for k, v in parts.items()}
-    parts["student_entropy"] = torch.where(batch_c.mask.bool(), stats.entropy, 0.0)
-    parts["logq"] = torch.where(batch_c.mask.bool(), logq_CK[:, 0].detach(), 0.0)
-    return grad_CV, parts
+        parts = sparse_token_losses(cfg, logq_CK[:, 0], logq_f_CK[:, 1:] if ids_CK.shape[1] > 1 else None, batch_c,
+                                    weights_c, logq_tail_C, logq_tok_fkl=logq_f_CK[:, 0])
+        leaves = (logq_CK, logq_f_CK) if logq_tail_C is None else (logq_CK, logq_f_CK, logq_tail_C)
+        g_terms = _grads_wrt(parts["loss"], leaves, scale) if need_grad or plan.diagnostics else ()
+    # diagnostics: sum_{v not read} q_v^2, inside the gradient's own pass over z when there is one
+    in_pass = plan.diagnostics and need_grad and logq_tail_C is None
+    rest_C = _rest_sum_sq(z_CV, ids_CK, stats.lse if lse_rest_C is None else _tail_shift(stats.lse, lse_rest_C),
+                          bufs.tmp) if plan.diagnostics and not in_pass else None
+    grad_CV = None
+    if need_grad and logq_tail_C is not None:
+        grad_CV = _tail_gradient(z_CV, ids_CK, z_ids_CK, stats.lse, lse_rest_C, g_terms[0] + g_terms[1], g_terms[2], t)
+    elif need_grad:
+        # d loss / d z = scatter(g) - softmax(z) * sum(g), softmax(z) = exp(z - m) / S; d z / d logits = 1 / T.
+        g_CK = g_terms[0] + g_terms[1]
+        coef_C = g_CK.sum(1).div_(stats.sum_exp).neg_().div_(t)
+        sum_sq_C = torch.zeros_like(coef_C) if in_pass else None
+        grad_CV = _sparse_gradient(z_CV, ids_CK, z_ids_CK, stats.row_max, coef_C, g_CK.div_(t), sum_sq_C)
+        if sum_sq_C is not None:  # sum_{v not read} exp(2 (z_v - m)) -> sum q_v^2 (q = exp(z - m) / S)
+            rest_C = sum_sq_C.double() / stats.sum_exp.double().square()
+    mask_C = batch_c.mask.bool()
+    parts = {k: v.detach() for k, v in parts.items() if k not in TERM_KEYS}
+    parts["student_entropy"] = torch.where(mask_C, stats.entropy, 0.0)
+    parts["logq"] = torch.where(mask_C, logq_CK[:, 0].detach(), 0.0)
+    if not plan.diagnostics:
+        return grad_CV, parts
+    assert rest_C is not None
+    g_rkl, g_fkl, *g_tail = (g / scale for g in g_terms)  # unnormalised
+    log_tail_C = None if lse_rest_C is None else lse_rest_C - stats.lse
+    diag = sparse_grad_stats(ids_CK, logq_CK.detach(), g_rkl, g_fkl, next(iter(g_tail), None), log_tail_C, rest_C, t)
+    return grad_CV, {**parts, **diag}
+
+
+def _sparse_gradient(
+    z_CV: Tensor, ids_CK: Tensor, z_ids_CK: Tensor, row_max_C: Tensor, coef_C: Tensor, g_CK: Tensor,
+    sum_sq_C: Tensor | None = None,
+) -> Tensor:
+    """``coef * exp(z - m) + scatter(g)``, overwriting ``z``, ``[C, V]``.
+
+    The dense pass skips the read ids (set to ``-inf`` first; their dense value is then set from the saved
+    ``z_ids``, the sparse ``g`` added after), so that with ``sum_sq_C`` the same pass also accumulates
+    ``sum_{v not in ids} exp(2 (z_v - m))`` while each block is in cache, at no extra ``exp``. The same path
+    runs with or without it: the diagnostics never change the gradient.
+
+    Args:
+        z_CV: ``[C, V]`` scaled float logits (overwritten).
+        ids_CK: ``[C, P]`` the read ids; ``z_ids_CK``: ``z`` there, saved before.
+        row_max_C: ``[C]`` ``m``; ``coef_C``: ``[C]`` the dense row scale; ``g_CK``: ``[C, P]`` the sparse part.
+        sum_sq_C: ``[C]`` accumulator for the diagnostics, or ``None``.
+    """
+    z_CV.scatter_(1, ids_CK, float("-inf"))
+    grad_CV = scaled_softmax_(z_CV, row_max_C, coef_C, sum_sq_C=sum_sq_C)
+    grad_CV.scatter_(1, ids_CK, (z_ids_CK - row_max_C.unsqueeze(1)).exp_().mul_(coef_C.unsqueeze(1)))
+    return grad_CV.scatter_add_(1, ids_CK, g_CK)
+
+
+def _tail_shift(lse_C: Tensor, lse_rest_C: Tensor) -> Tensor:
+    """The shift of ``_rest_sum_sq`` with a tail: ``lse_rest`` (sums in units of ``q_tail``), ``lse`` if empty."""
+    return torch.where(torch.isneginf(lse_rest_C), lse_C, lse_rest_C)
+
+
+def _rest_sum_sq(z_CV: Tensor, ids_CK: Tensor, shift_C: Tensor, tmp_CB: Tensor) -> Tensor:
+    """``sum_{v not in ids} exp(2 (z_v - shift))`` per row, ``[C]``, in one read of ``z`` (unchanged on return).
+
+    The read ids are set to ``-inf`` for the pass and restored after (as ``_tail_logsumexp``), so the sum
+    over the rest is formed directly: subtracting the ids' squares from a full-row sum would cancel when
+    the row's mass sits on them (a confident student), exactly where the norms are smallest. Used where the
+    gradient has no pass of its own to share (``topk_tail``, no gradient wanted).
+
+    Args:
+        z_CV: ``[C, V]`` scaled float logits.
+        ids_CK: ``[C, P]`` ids to leave out (duplicates allowed).
+        shift_C: ``[C]`` at least every ``z_v`` left in (so no term exceeds 1).
+        tmp_CB: ``[>= C, B]`` scratch buffer of ``z``'s dtype.
+    """
+    c, v = z_CV.shape
+    z_ids_CK = z_CV.gather(1, ids_CK)
+    z_CV.scatter_(1, ids_CK, float("-inf"))
+    total_C = torch.zeros(c, dtype=z_CV.dtype, device=z_CV.device)
+    shift_C1 = shift_C.unsqueeze(-1)
+    width = tmp_CB.shape[1]
+    for start in range(0, v, width):
+        z_blk = z_CV[:, start : start + width]
+        e_blk = torch.sub(z_blk, shift_C1, out=tmp_CB[:c, : z_blk.shape[1]]).exp_()
+        total_C.add_(torch.linalg.vecdot(e_blk, e_blk))
+    z_CV.scatter_(1, ids_CK, z_ids_CK)
+    return total_C
+
+
+def sparse_grad_stats(
+    ids_CK: Tensor, logq_CK: Tensor, g_rkl_CK: Tensor, g_fkl_CK: Tensor, g_tail_C: Tensor | None,
+    log_tail_C: Tensor | None, rest_C: Tensor, temperature: float,
+) -> dict[str, Tensor]:
+    """``||G^R||^2``, ``||G^F||^2``, ``<G^R, G^F>`` per row in closed form, no ``[C, V]`` tensor per term.
+
+    A sparse term's gradient wrt the logits, from its gradient ``g`` at ``log q(ids)`` (and ``g_tail`` at
+    ``log q_tail``), is ``G_v = T^-1 (q_v a + 1[v not in K] g_tail r_v + s_v)`` with ``a = -(sum g + g_tail)``,
+    ``s_v = sum_j g_j 1[v = id_j]``, ``r_v = q_v / q_tail`` (``_tail_gradient``; without a tail ``g_tail = 0``).
+    Off the read ids ``U`` that is ``q_v c``, ``c = a + g_tail / q_tail``, so with ``rest = sum_{v not in U}
+    (q_v / s)^2`` (``s = q_tail`` with a tail, else 1) and ``mu = c s``::
+
+        T^2 <G^X, G^Y> = mu_X mu_Y rest + sum_{u in U} (T G^X_u)(T G^Y_u)
+
+    the second sum over the distinct read ids (the sampled token may repeat a top-k id; ``_distinct_slots``).
+    Float64 inside, ``[2, C, P]`` small tensors only (both terms at once).
+
+    Args:
+        ids_CK: ``[C, P]`` read ids (sampled token first, then the teacher's top-k ``K``).
+        logq_CK: ``[C, P]`` ``log q`` at those ids.
+        g_rkl_CK: ``[C, P]`` gradient of ``w_R RKL`` at ``log q(ids)`` (no ``1 / N`` normaliser).
+        g_fkl_CK: ``[C, P]`` the same for ``w_F FKL``.
+        g_tail_C: ``[C]`` gradient of ``w_F FKL`` at ``log q_tail`` (``topk_tail``: only the forward KL reads
+            the tail), else ``None``.
+        log_tail_C: ``[C]`` ``log q_tail`` (``-inf`` when empty; ``topk_tail``), else ``None``.
+        rest_C: ``[C]`` ``rest`` above (``_rest_sum_sq`` with shift ``lse``, or ``lse_rest`` with a tail).
+        temperature: ``T``.
+
+    Returns:
+        ``DIAG_KEYS`` -> ``[C]`` float32.
+    """
+    f64 = torch.float64
+    slot_CP = _distinct_slots(ids_CK)
+    logq = logq_CK.to(f64)
+    g_2CP = torch.stack([g_rkl_CK, g_fkl_CK]).to(f64)
+    g_tail_2C = torch.zeros_like(g_2CP[:, :, 0])
+    if g_tail_C is not None:
+        g_tail_2C[1] = g_tail_C
+    a_2C = -(g_2CP.sum(2) + g_tail_2C)
+    q_SP = torch.zeros_like(logq).scatter_(1, slot_CP, logq.exp())  # by distinct id; 0 in unused slots
+    s_2SP = torch.zeros_like(g_2CP).scatter_add_(2, slot_CP.expand_as(g_2CP), g_2CP)
+    at_ids_2SP = q_SP * a_2C.unsqueeze(2) + s_2SP  # T G at the distinct read ids
+    mu_2C = a_2C
+    if log_tail_C is not None:
+        log_tail = log_tail_C.to(f64).unsqueeze(1)
+        # a slot is in the top-k K when any of its positions is one of 1..P-1 (only the sampled token can be outside)
+        in_k_SP = torch.zeros_like(logq).scatter_add_(1, slot_CP[:, 1:], torch.ones_like(logq[:, 1:])) > 0
+        r_CP = torch.where(torch.isneginf(log_tail), 0.0, (logq - log_tail).exp())
+        r_SP = torch.zeros_like(logq).scatter_(1, slot_CP, r_CP).masked_fill_(in_k_SP, 0.0)
+        at_ids_2SP = at_ids_2SP + r_SP * g_tail_2C.unsqueeze(2)
+        mu_2C = a_2C * log_tail_C.to(f64).exp() + g_tail_2C
+    x_3SP = torch.stack([at_ids_2SP[0], at_ids_2SP[1], at_ids_2SP[0]])
+    y_3SP = torch.stack([at_ids_2SP[0], at_ids_2SP[1], at_ids_2SP[1]])
+    mu_x_3C, mu_y_3C = mu_2C[[0, 1, 0]], mu_2C[[0, 1, 1]]
+    out_3C = ((mu_x_3C * mu_y_3C * rest_C.to(f64) + (x_3SP * y_3SP).sum(2)) / temperature**2).float()
+    return dict(zip(DIAG_KEYS, out_3C.unbind(0), strict=True))
+
+
+def _distinct_slots(ids_CK: Tensor) -> Tensor:
+    """``[C, P]`` each read position's slot among its row's distinct ids (equal ids share one), in ``[0, P)``.
+
+    From a sort of each row: a new slot starts wherever the sorted id changes (cheap for P = 1 + K; no
+    ``[C, P, P]`` comparison).
+    """
+    sorted_CP, perm_CP = ids_CK.sort(dim=1)
+    new_CP = torch.ones_like(sorted_CP, dtype=torch.bool)
+    new_CP[:, 1:] = sorted_CP[:, 1:] != sorted_CP[:, :-1]
+    return torch.empty_like(perm_CP).scatter_(1, perm_CP, new_CP.cumsum(1) - 1)
 
 
 def _teacher_chunk(plan: _Plan, batch_c: TokenBatch, rows: slice, bufs: _Buffers) -> TokenBatch:
@@ -304,11 +463,13 @@ def _generic_chunk(
     leaf = D.upcast(logits).detach().requires_grad_(True)
     with torch.enable_grad():
         parts = token_losses(cfg, leaf, batch_c, weights_c)
+        # two more backward passes through the loss (two [C, V] gradients alive at once), before the loss's own
+        diag = logit_grad_parts(parts, leaf) if plan.diagnostics else {}
         grad_CV = _grad_wrt(parts["loss"], leaf, 1.0 / plan.denom) if need_grad else None
     if plan.teacher_entropy is not None and batch_c.teacher_logits is not None:
         with torch.no_grad():
             plan.teacher_entropy[rows] = D.entropy(batch_c.teacher_logits, cfg.temperature)
-    return grad_CV, {k: v.detach() for k, v in parts.items()}
+    return grad_CV, {**{k: v.detach() for k, v in parts.items() if k not in TERM_KEYS}, **diag}
 
 
 def _make_buffers(plan: _Plan, hidden_NH: Tensor, v: int, sparse: bool) -> _Buffers:
@@ -352,7 +513,7 @@ class _FusedLinearObjective(torch.autograd.Function):
         acc_dtype = torch.float64 if hidden_NH.dtype == torch.float64 else torch.float32
         grad_b_full = torch.zeros(weight_VH.shape[0], dtype=acc_dtype, device=weight.device) if need_b else None
         loss_sum = torch.zeros((), dtype=acc_dtype, device=hidden_NH.device)
-        chunks: dict[str, list[Tensor]] = {k: [] for k in PART_KEYS}
+        chunks: dict[str, list[Tensor]] = {k: [] for k in plan.part_keys}
         need_grad = need_h or need_w or need_b
         for start in range(0, n, plan.chunk):
             rows = slice(start, min(start + plan.chunk, n))
@@ -362,7 +523,7 @@ class _FusedLinearObjective(torch.autograd.Function):
             else:
                 grad_CV, parts = _generic_chunk(plan, h_CH, weight, bias, rows, bufs, need_grad)
             loss_sum += parts["loss"].sum()
-            for k in PART_KEYS:
+            for k in plan.part_keys:
                 chunks[k].append(parts[k])
             if grad_CV is None:
                 continue
@@ -375,7 +536,7 @@ class _FusedLinearObjective(torch.autograd.Function):
                 # the first chunk writes (beta=0: no zero-fill pass over [V, H]), later ones accumulate
                 grad_w = grad_w_full[:v]
                 torch.addmm(grad_w, g_mm.T, h_CH, beta=0.0 if rows.start == 0 else 1.0, out=grad_w)
-        plan.parts = {k: torch.cat(chunks[k]) if chunks[k] else loss_sum.new_zeros(0) for k in PART_KEYS}
+        plan.parts = {k: torch.cat(chunks[k]) if chunks[k] else loss_sum.new_zeros(0) for k in plan.part_keys}
         ctx.grads = (
             grad_h,
             None if grad_w_full is None else grad_w_full.to(weight_VH.dtype),
@@ -467,6 +628,7 @@ def fused_objective(
     teacher_weight: Tensor | None = None,
     teacher_bias: Tensor | None = None,
     chunk_size: int | None = None,
+    diagnostics: bool = False,
 ) -> FusedOutput:
     """``objective(cfg, hidden @ W.T + b, batch)`` with the lm_head fused in and no ``[N, V]`` tensor.
 
@@ -493,6 +655,10 @@ def fused_objective(
         teacher_bias: ``[V_T_rows]`` or ``None``.
         chunk_size: Positions per chunk (at most: chunks are balanced to equal sizes); default
             ``fused_chunk_size(cfg, V, dtype, device)`` (CPU: 165 rows at V = 151,936 for sparse presets).
+        diagnostics: Also return each weighted term's logit-gradient parts (``DIAG_KEYS``) in ``token_parts``:
+            sparse presets in closed form (one more read of each chunk's logits), the others by two more
+            backward passes through the chunk's loss (two more ``[chunk, V]`` tensors at the peak). The
+            training gradients are bit-identical either way. Single divergences have no split and get none.
 
     Returns:
         ``FusedOutput`` (``loss``, ``loss_sum`` carry gradient; ``metrics`` as ``summarize``).
@@ -530,7 +696,7 @@ def fused_objective(
         balanced_chunk(num_valid, chunk),
         denom, teacher_hidden=None if teacher_NH is None or teacher_logits is not None else rows(teacher_NH),
         teacher_weight=t_weight, teacher_bias=t_bias, teacher_logits=teacher_logits,
-        row_index=None if all_valid else idx,
+        row_index=None if all_valid else idx, diagnostics=diagnostics and has_term_split(cfg),
     )
     if batch_N.teacher_entropy is None and (teacher_logits is not None or plan.teacher_hidden is not None):
         plan.teacher_entropy = torch.zeros(num_valid, dtype=torch.float32, device=hidden.device)
@@ -565,6 +731,7 @@ def reference_objective(
     teacher_hidden: Tensor | None = None,
     teacher_weight: Tensor | None = None,
     teacher_bias: Tensor | None = None,
+    diagnostics: bool = False,
 ) -> ObjectiveOutput:
     """The plain path with ``fused_objective``'s signature: full ``[..., V]`` logits, then ``objective``."""
     weight, bias = used_weight(lm_head_weight, lm_head_bias, vocab_size)
@@ -573,4 +740,5 @@ def reference_objective(
         t_weight, t_bias = _teacher_weight_rows(lm_head_weight, teacher_weight, teacher_bias, vocab_size)
         with torch.no_grad():
             batch = dataclasses.replace(batch, teacher_logits=F.linear(teacher_hidden, t_weight, t_bias))
-    return objective(cfg, logits, batch, tau=tau, generator=generator, normalizer=normalizer, weights=weights)
+    return objective(cfg, logits, batch, tau=tau, generator=generator, normalizer=normalizer, weights=weights,
+                     diagnostics=diagnostics)

@@ -220,12 +220,16 @@ class ObjectiveOutput:
         loss_sum: Sum of per-token losses over valid tokens.
         num_valid: Number of valid tokens in this call.
         metrics: Diagnostics, means over valid tokens (floats).
+        token_parts: Per-position parts, detached, 0 at masked positions: ``"loss"``, ``"rkl"``, ``"fkl"``,
+            ``"student_entropy"``, ``"logq"`` (``[...]`` on full logits, flat ``[N]`` on the fused path) and,
+            with ``diagnostics=True``, the logit-gradient parts of ``logit_grad_parts`` (``DIAG_KEYS``).
     """
 
     loss: Tensor
     loss_sum: Tensor
     num_valid: int
     metrics: dict[str, float]
+    token_parts: dict[str, Tensor] = field(default_factory=dict)
 
 
 def teacher_entropy_of(cfg: ObjectiveConfig, batch: TokenBatch) -> Tensor:
@@ -334,7 +338,9 @@ def token_losses(
         ``"loss"``: ``[...]`` per-token loss, exactly 0 at masked positions (NaN-free);
         ``"rkl"``, ``"fkl"``: the unweighted terms (detached, 0 where not computed; without an FKL term,
         ``"fkl"`` is the top-k forward KL as a diagnostic when the batch has the teacher's top-k);
-        ``"student_entropy"``: ``[...]`` (detached).
+        ``"student_entropy"``: ``[...]`` (detached); except for single divergences, ``"loss_rkl"`` and
+        ``"loss_fkl"``: ``[...]`` the weighted terms ``w_R RKL`` and ``w_F FKL`` with their gradient (their sum
+        is ``"loss"``; read by ``logit_grad_parts``).
     """
     mask = batch.mask.bool()
     t = cfg.temperature
@@ -382,7 +388,7 @@ def token_losses(
 
 def sparse_token_losses(
     cfg: ObjectiveConfig, logq_tok: Tensor, logq_topk: Tensor | None, batch: TokenBatch, weights: TokenWeights,
-    logq_tail: Tensor | None = None,
+    logq_tail: Tensor | None = None, logq_tok_fkl: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """``token_losses`` from the student's log-probs at the ids a sparse objective reads, not full logits.
 
@@ -403,13 +409,17 @@ def sparse_token_losses(
             ``log(1 - sum exp(logq_topk))``: that difference cancels in float32 (``-inf`` once
             ``q_tail < 6e-8``), so the caller computes it from the logits outside the top-k (a log-sum-exp,
             exact) and maps its gradient back to the logits (``fused._tail_logsumexp``, ``fused._tail_gradient``).
+        logq_tok_fkl: ``[...]`` the sampled token's log-prob as the forward-KL term reads it (``importance``);
+            default ``logq_tok``. The fused path passes a copy that is a leaf of its own, so that one backward
+            gives each term's gradient apart (their sum is what a shared leaf would accumulate).
 
     Returns:
-        ``"loss"`` (with gradient), ``"rkl"``, ``"fkl"`` (detached), all ``[...]`` and 0 where masked.
+        ``"loss"``, ``"loss_rkl"``, ``"loss_fkl"`` (with gradient), ``"rkl"``, ``"fkl"`` (detached), all
+        ``[...]`` and 0 where masked.
     """
     zeros = torch.zeros(batch.mask.shape, dtype=logq_tok.dtype, device=logq_tok.device)
     rkl = _sampled_rkl(cfg, logq_tok, batch, zeros)
-    fkl = _sampled_fkl(cfg, logq_tok, logq_topk, batch, zeros, logq_tail)
+    fkl = _sampled_fkl(cfg, logq_tok if logq_tok_fkl is None else logq_tok_fkl, logq_topk, batch, zeros, logq_tail)
     return _assemble(cfg, rkl, fkl, logq_topk, batch, weights)
 
 
@@ -472,10 +482,14 @@ def _assemble(
     mask = batch.mask.bool()
     zeros = torch.zeros_like(rkl)
     loss = torch.where(mask, weights.w_rkl * rkl + weights.w_fkl * fkl, zeros)
+    # the two weighted terms on their own, with gradient: what the per-term gradient diagnostics differentiate
+    loss_rkl = torch.where(mask, weights.w_rkl * rkl, zeros)
+    loss_fkl = torch.where(mask, weights.w_fkl * fkl, zeros)
     if cfg.fkl == "none" and logq_topk is not None and batch.teacher_topk_logprobs is not None:
         with torch.no_grad():  # diagnostic only: the top-k forward KL an objective without FKL leaves behind
             fkl = D.topk_kl_from_student_logprobs(logq_topk, batch.teacher_topk_logprobs)
-    return {"loss": loss, "rkl": torch.where(mask, rkl.detach(), zeros), "fkl": torch.where(mask, fkl.detach(), zeros)}
+    return {"loss": loss, "rkl": torch.where(mask, rkl.detach(), zeros), "fkl": torch.where(mask, fkl.detach(), zeros),
+            "loss_rkl": loss_rkl, "loss_fkl": loss_fkl}
 
 
 def summarize(
@@ -541,6 +555,7 @@ def objective(
     generator: torch.Generator | None = None,
     normalizer: float | int | None = None,
     weights: TokenWeights | None = None,
+    diagnostics: bool = False,
 ) -> ObjectiveOutput:
     """The composed objective on full student logits.
 
@@ -553,6 +568,9 @@ def objective(
         normalizer: Divide the token sum by this (the global count of valid tokens across gradient
             accumulation and processes); default the local valid count. 0 valid tokens gives loss 0.
         weights: Precomputed weights (skips ``prepare_weights``), e.g. decided once per rollout.
+        diagnostics: Also return the per-term logit-gradient parts (``logit_grad_parts``, two extra
+            backward passes through the loss, none through the model) in ``token_parts``; single-divergence
+            presets have no RKL/FKL split and get none.
 
     Returns:
         ``ObjectiveOutput``.
@@ -560,11 +578,63 @@ def objective(
     if weights is None:
         weights = prepare_weights(cfg, batch, tau=tau, generator=generator)
     parts = token_losses(cfg, student_logits, batch, weights)
+    if diagnostics and has_term_split(cfg):
+        parts.update(_diagnostic_parts(cfg, student_logits, batch, weights, parts))
     loss_sum = parts["loss"].sum()
     num_valid = int(batch.mask.bool().sum())
     denom = normalizer if normalizer is not None else num_valid
     loss = loss_sum / max(float(denom), 1.0)
-    return ObjectiveOutput(loss, loss_sum, num_valid, summarize(cfg, parts, batch, weights))
+    token_parts = {k: v.detach() for k, v in parts.items() if k not in ("loss_rkl", "loss_fkl")}
+    return ObjectiveOutput(loss, loss_sum, num_valid, summarize(cfg, parts, batch, weights), token_parts)
+
+
+#: Per-position logit-gradient diagnostics: ``||G^R||^2``, ``||G^F||^2`` and ``<G^R, G^F>``.
+DIAG_KEYS = ("grad_rkl_sq", "grad_fkl_sq", "grad_dot")
+
+
+def has_term_split(cfg: ObjectiveConfig) -> bool:
+    """Whether the loss is ``w_R RKL + w_F FKL`` (every preset but the single divergences)."""
+    return cfg.divergence is None
+
+
+def term_gradient(term: Tensor, logits: Tensor) -> Tensor:
+    """``d term.sum() / d logits`` by autograd, keeping the graph (zeros when ``term`` has no gradient)."""
+    if not term.requires_grad:
+        return torch.zeros_like(logits, dtype=torch.float32)
+    (grad,) = torch.autograd.grad(term.sum(), logits, retain_graph=True, allow_unused=True)
+    return torch.zeros_like(logits, dtype=torch.float32) if grad is None else D.upcast(grad)
+
+
+def _diagnostic_parts(
+    cfg: ObjectiveConfig, logits: Tensor, batch: TokenBatch, weights: TokenWeights, parts: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """``logit_grad_parts`` on ``parts``' own graph, or on a leaf copy when the logits carry no gradient."""
+    if logits.requires_grad:
+        return logit_grad_parts(parts, logits)
+    leaf = logits.detach().requires_grad_(True)
+    with torch.enable_grad():
+        return logit_grad_parts(token_losses(cfg, leaf, batch, weights), leaf)
+
+
+def logit_grad_parts(parts: dict[str, Tensor], logits: Tensor) -> dict[str, Tensor]:
+    """Per-position squared norms and dot product of the two weighted terms' gradients wrt the logits.
+
+    With ``G^R_t = d (w_R RKL_t) / d logits_t`` and ``G^F_t = d (w_F FKL_t) / d logits_t`` (raw logits, so the
+    ``1 / T`` of ``z = logits / T`` is included; no ``1 / N`` normaliser): ``grad_rkl_sq = ||G^R_t||^2``,
+    ``grad_fkl_sq = ||G^F_t||^2``, ``grad_dot = <G^R_t, G^F_t>``. Positions are independent rows of the
+    logits, so one backward of each term's sum gives every position's gradient exactly.
+
+    Args:
+        parts: From ``token_losses``: ``"loss_rkl"`` and ``"loss_fkl"`` ``[...]`` with their graphs.
+        logits: ``[..., V]`` the student logits the terms were computed from (any tensor of the graph).
+
+    Returns:
+        ``DIAG_KEYS`` -> ``[...]`` float32, detached, 0 at masked positions.
+    """
+    g_rkl = term_gradient(parts["loss_rkl"], logits)
+    g_fkl = term_gradient(parts["loss_fkl"], logits)
+    return {"grad_rkl_sq": (g_rkl * g_rkl).sum(-1), "grad_fkl_sq": (g_fkl * g_fkl).sum(-1),
+            "grad_dot": (g_rkl * g_fkl).sum(-1)}
 
 
 def adaptive_tau_from_batch(cfg: ObjectiveConfig, teacher_entropy: Tensor, mask: Tensor) -> float:

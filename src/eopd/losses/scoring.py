@@ -214,7 +214,9 @@ def softmax_stats(z_CV: Tensor, tmp_CB: Tensor) -> SoftmaxStats:
     return SoftmaxStats(lse, row_max, sum_exp, (lse - dot / sum_exp).clamp_min_(0.0))
 
 
-def scaled_softmax_(z_CV: Tensor, row_max_C: Tensor, scale_C: Tensor, width: int = 2048) -> Tensor:
+def scaled_softmax_(
+    z_CV: Tensor, row_max_C: Tensor, scale_C: Tensor, width: int = 2048, sum_sq_C: Tensor | None = None
+) -> Tensor:
     """``z <- scale * exp(z - row_max)`` in place, a cache-sized block of columns at a time.
 
     The three elementwise steps run on a block while it is in cache, so ``z`` is read and written once.
@@ -224,13 +226,18 @@ def scaled_softmax_(z_CV: Tensor, row_max_C: Tensor, scale_C: Tensor, width: int
         row_max_C: ``[C]`` the row max used by ``softmax_stats``.
         scale_C: ``[C]`` row scale (e.g. ``-sum(g) / (S * T)``).
         width: Columns per block.
+        sum_sq_C: ``[C]`` accumulator: if given, ``sum_v exp(2 (z_v - row_max))`` is added to it (read from
+            each block while it is in cache, before the scale; the result is unchanged).
 
     Returns:
         ``z_CV``.
     """
     m_C1, s_C1 = row_max_C.unsqueeze(-1), scale_C.unsqueeze(-1)
     for start in range(0, z_CV.shape[1], width):
-        z_CV[:, start : start + width].sub_(m_C1).exp_().mul_(s_C1)
+        e_blk = z_CV[:, start : start + width].sub_(m_C1).exp_()
+        if sum_sq_C is not None:
+            sum_sq_C.add_(torch.linalg.vecdot(e_blk, e_blk))
+        e_blk.mul_(s_C1)
     return z_CV
 
 

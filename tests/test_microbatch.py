@@ -1,0 +1,125 @@
+"""Memory levers of the update: token-budget micro-batches and gradient checkpointing change how the gradient is
+computed, never what it is; checkpointing is on during the update only, so sampling keeps its KV cache."""
+
+from __future__ import annotations
+
+import torch
+
+from eopd.components import build_components
+from eopd.config import load_config
+from eopd.microbatch import micro_batches, padded_tokens, row_widths, token_budget_groups
+from eopd.rollout import Rollout
+
+from .conftest import REPO
+from .rehearsal_grads import first_update_grads, uneven_batch
+
+TINY = str(REPO / "configs" / "tiny.yaml")
+
+
+def _overrides(tiny_models, out, *extra: str) -> list[str]:
+    return [f"models.teacher={tiny_models['teacher']}", f"models.student={tiny_models['student']}",
+            f"output_dir={out}", "optim.grad_clip=0", *extra]
+
+
+def test_token_budget_groups_pack_by_length_within_the_budget():
+    prompt_B = torch.tensor([2, 3, 2, 2, 4, 2])
+    completion_B = torch.tensor([1, 20, 2, 3, 18, 1])
+    groups = token_budget_groups(prompt_B, completion_B, max_tokens=48)
+    # longest first: rows 1 (3+20) and 4 (4+18): 2 x (4 + 20) = 48 fits; then 3, 2, 0, 5 at width 2+3: 4 x 5 = 20
+    assert [g.tolist() for g in groups] == [[1, 4], [3, 2, 0, 5]]
+    assert sorted(torch.cat(groups).tolist()) == list(range(6))
+    # a row wider than the budget travels alone
+    assert [g.tolist() for g in token_budget_groups(prompt_B, completion_B, max_tokens=10)] == [
+        [1], [4], [3, 2], [0, 5]]
+
+
+def _rollout(prompt_lens: list[int], completion_lens: list[int], P: int = 5, T: int = 8) -> Rollout:
+    B = len(prompt_lens)
+    attn = torch.zeros(B, P + T, dtype=torch.long)
+    cmask = torch.zeros(B, T)
+    for b, (p, t) in enumerate(zip(prompt_lens, completion_lens, strict=True)):
+        attn[b, P - p : P] = 1
+        attn[b, P : P + t] = 1
+        cmask[b, :t] = 1
+    ids = torch.arange(B * (P + T)).reshape(B, P + T) % 7 + 2
+    return Rollout(ids, attn, P, ids[:, P:], cmask, torch.zeros(B, T), torch.arange(B))
+
+
+def test_trimmed_rollout_drops_only_all_padding_columns():
+    r = _rollout([2, 3], [4, 1])
+    t = r.trimmed()
+    assert t.prompt_len == 3 and t.completion_ids_BT.shape == (2, 4)
+    assert torch.equal(t.sequences_BL, r.sequences_BL[:, 2:9])
+    assert row_widths(t)[0].tolist() == [2, 3] and row_widths(t)[1].tolist() == [4, 1]
+
+
+def test_padding_share_falls_with_a_token_budget_on_long_tailed_lengths():
+    lengths = [2, 3, 2, 40, 3, 2, 4, 2]
+    r = _rollout([3] * 8, lengths, P=3, T=40)
+    rows = torch.arange(8)
+    fixed = micro_batches(r, rows, size=4, max_tokens=None)
+    budget = micro_batches(r, rows, size=4, max_tokens=4 * 10)
+    valid = sum(lengths)
+    assert padded_tokens(r, fixed) == 4 * 43 + 4 * 7  # the long row pads its three neighbours to 43
+    assert padded_tokens(r, budget) == 1 * 43 + 5 * 7 + 2 * 5  # [40], five rows of width 3+4, two of 3+2
+    assert valid / padded_tokens(r, budget) > 1.5 * valid / padded_tokens(r, fixed)
+
+
+def _grads(tiny_models, out, *extra: str) -> dict:
+    c = build_components(load_config(TINY, _overrides(tiny_models, out, *extra)))
+    return first_update_grads(c)
+
+
+def _assert_same_grads(a: dict, b: dict) -> None:
+    assert torch.equal(a["completion_ids"], b["completion_ids"])  # the very same batch
+    assert a["grads"].keys() == b["grads"].keys() and a["grads"]
+    for name, g in a["grads"].items():
+        torch.testing.assert_close(b["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_token_budget_micro_batches_give_the_fixed_size_gradient(tiny_models, tmp_path):
+    fixed = _grads(tiny_models, tmp_path / "fixed", "optim.micro_batch_size=4")
+    c = build_components(load_config(TINY, _overrides(tiny_models, tmp_path / "probe")))
+    batch, _ = uneven_batch(c)
+    p, t = row_widths(batch.rollout)
+    budget = int(batch.num_rows * (p.max() + t.max()) // 3)
+    groups = micro_batches(batch.rollout, torch.arange(batch.num_rows), size=4, max_tokens=budget)
+    assert len({len(g) for g in groups}) > 1  # rows really were regrouped by length
+    packed = _grads(tiny_models, tmp_path / "packed", f"optim.max_tokens_per_micro_batch={budget}")
+    _assert_same_grads(fixed, packed)
+
+
+def test_token_budget_also_for_the_plain_loss_and_a_one_row_budget(tiny_models, tmp_path):
+    fixed = _grads(tiny_models, tmp_path / "fixed", "loss_impl=plain")
+    packed = _grads(tiny_models, tmp_path / "packed", "loss_impl=plain", "optim.max_tokens_per_micro_batch=1")
+    _assert_same_grads(fixed, packed)
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(tiny_models, tmp_path):
+    plain = _grads(tiny_models, tmp_path / "off")
+    ckpt = _grads(tiny_models, tmp_path / "on", "optim.gradient_checkpointing=true")
+    _assert_same_grads(plain, ckpt)
+
+
+def test_checkpointing_is_on_in_the_update_only_and_sampling_keeps_its_cache(tiny_models, tmp_path):
+    from eopd.trainer import step
+
+    c = build_components(load_config(TINY, _overrides(tiny_models, tmp_path, "optim.gradient_checkpointing=true")))
+    calls: list[tuple[bool, bool, int]] = []  # (grad enabled, checkpointing on, input width)
+    layer = c.student.model.layers[0]
+
+    def record(module, args, kwargs):
+        width = kwargs["hidden_states"].shape[1] if "hidden_states" in kwargs else args[0].shape[1]
+        calls.append((torch.is_grad_enabled(), bool(module.gradient_checkpointing), width))
+
+    handle = layer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        step(c)
+    finally:
+        handle.remove()
+    sampling = [cl for cl in calls if not cl[0] and cl[2] == 1]
+    training = [cl for cl in calls if cl[0]]
+    assert len(sampling) > 5, "the sampler's decoding steps feed one token each: the KV cache is in use"
+    assert not any(on for _, on, _ in sampling)
+    assert training and all(on for _, on, _ in training)
+    assert not layer.gradient_checkpointing  # off again after the update
