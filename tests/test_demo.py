@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from eopd.demo import DEMO_CONFIG, parse_variant, plan_for, plan_from_args, task_section
-from eopd.report import RunResult, markdown_table, mean_std
+from eopd.report import RunResult, markdown_table, mean_std, paired_difference, paired_table
 from eopd.world import WorldConfig, named_world_config, world_names
 
 
@@ -36,6 +36,9 @@ def test_quick_demo_writes_report_and_plots(tmp_path):
     for png in ("curves.png", "pass_at_k.png", "teacher_entropy.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert yaml.safe_load((out / "train.yaml").read_text())["data"]["arithmetic"]["num_terms"] == 3
+    assert "| objective | seeds | RKL logit-grad norm | FKL logit-grad norm | cos(RKL, FKL) |" in report
+    for run in json.loads((out / "results.json").read_text())["runs"]:  # diagnostics reach the report's inputs
+        assert 0 < run["final"]["train/diag/clip_coef"] <= 1 and -1 <= run["final"]["train/diag/grad_cos"] <= 1
     for run in ("opd", "eopd"):  # the trainer itself says which prompts it sampled
         assert "arithmetic prompts (3 terms," in (out / "runs" / run / "seed0" / "train.log").read_text()
     results = json.loads((out / "results.json").read_text())
@@ -175,3 +178,14 @@ def test_pass_at_k_table_columns_and_plot(tmp_path) -> None:
     assert "| base student | - | 0.400 | - |" in table and "| opd | 2 | 0.545 ± 0.007 |" in table
     png = plot_pass_at_k(runs, {"pass@1": 0.4}, list(range(1, 11)), tmp_path / "k.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paired_difference_by_seed_with_a_t_interval() -> None:
+    runs = [RunResult("opd", s, {"x": v}) for s, v in enumerate([0.5, 0.6, 0.55, 0.9])]
+    runs += [RunResult("eopd", s, {"x": v}) for s, v in enumerate([0.6, 0.65, 0.7])]  # seed 3 has no pair
+    p = paired_difference(runs, "opd", "eopd", "x")
+    # differences 0.10, 0.05, 0.15: mean 0.10, sd 0.05, t(0.975, 2) = 4.303 -> half-width 0.1242
+    assert p is not None and (p.seeds, p.wins) == (3, 3)
+    assert p.mean == pytest.approx(0.10) and p.high - p.mean == pytest.approx(4.303 * 0.05 / 3**0.5, rel=1e-6)
+    assert paired_table(runs, "opd", [("x", "X", 3)]).splitlines()[-1] == "| eopd | +0.100 [-0.024, +0.224] (3/3) |"
+    assert paired_difference(runs[:1] + runs[4:5], "opd", "eopd", "x") is None  # one shared seed: no interval

@@ -33,7 +33,14 @@ import torch
 import yaml
 
 from eopd.config import ConfigError, deep_merge, from_dict, require
-from eopd.report import RunResult, markdown_table, plot_curves, plot_entropy_histogram, plot_pass_at_k
+from eopd.report import (
+    RunResult,
+    markdown_table,
+    paired_table,
+    plot_curves,
+    plot_entropy_histogram,
+    plot_pass_at_k,
+)
 from eopd.tasks.arithmetic import ArithmeticConfig, ArithmeticTask
 from eopd.tracking import format_duration, read_metrics
 from eopd.world import (
@@ -292,7 +299,8 @@ def collect(spec: RunSpec, tail_frac: float = 0.2) -> RunResult:
     train_rows = [r for r in rows if "loss" in r]
     late = train_rows[int(len(train_rows) * (1 - tail_frac)) :] or train_rows
     final = dict(evals[-1]) if evals else {}
-    for key in ("teacher_entropy", "gated_share", "student_entropy", "fkl", "rkl_estimate"):
+    for key in ("teacher_entropy", "gated_share", "student_entropy", "fkl", "rkl_estimate",
+                *(k for k, _, _ in DIAG_COLUMNS)):
         vals = [r[key] for r in late if key in r and r[key] == r[key]]
         if vals:
             final[f"train/{key}"] = sum(vals) / len(vals)
@@ -332,6 +340,19 @@ COLUMNS = [
     ("train/teacher_entropy", "teacher entropy (train)", 3),
     ("train/gated_share", "gated share (train)", 3),
 ]
+
+
+#: Late-training diagnostics (mean over the last 20% of steps; docs/metrics.md, Diagnostics).
+DIAG_COLUMNS = [
+    ("diag/grad_rkl", "RKL logit-grad norm", 4),
+    ("diag/grad_fkl", "FKL logit-grad norm", 4),
+    ("diag/grad_cos", "cos(RKL, FKL)", 3),
+    ("diag/clip_coef", "clip coefficient", 3),
+    ("grad_norm", "grad norm (pre-clip)", 2),
+    ("ppo/clip_frac", "PPO clip fraction", 4),
+]
+#: The paired comparison's metrics (final evaluation).
+PAIRED_COLUMNS = [("avg@n", "pass@1", 3), ("pass@8", "pass@8", 3), ("distinct_correct_paths", "distinct paths", 2)]
 
 
 def pass_at_k_columns(results: list[RunResult], base: dict[str, float] | None) -> list[tuple[str, str, int]]:
@@ -374,6 +395,14 @@ def write_report(out: Path, results: list[RunResult], base: dict[str, float] | N
         "pass@k at the final evaluation (unbiased estimate from the 8 samples; mean ± std over seeds):",
         "",
         markdown_table(results, ks, baseline=base),
+        "",
+        *([f"Paired by seed against `{results[0].objective}` (same seed = same base sampling streams and data "
+           "order): mean difference, its 95% t interval over seeds, and on how many seeds it was positive:",
+           "", paired_table(results, results[0].objective, PAIRED_COLUMNS), ""]
+          if len({r.objective for r in results}) > 1 and len({r.seed for r in results}) > 1 else []),
+        "Training diagnostics, mean over the last 20% of steps (docs/metrics.md):",
+        "",
+        markdown_table(results, [(f"train/{k}", h, d) for k, h, d in DIAG_COLUMNS]),
         "",
         f"![curves]({curves.name})",
         "",

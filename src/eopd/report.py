@@ -74,6 +74,57 @@ def markdown_table(results: Sequence[RunResult], columns: Sequence[tuple[str, st
     return "\n".join(lines)
 
 
+#: Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal 1.960).
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+@dataclass
+class Paired:
+    """``b - a`` over the seeds both objectives ran: mean difference, its 95% t interval, seeds, and wins."""
+
+    mean: float
+    low: float
+    high: float
+    seeds: int
+    wins: int
+
+
+def paired_difference(results: Sequence[RunResult], a: str, b: str, key: str) -> Paired | None:
+    """Seed-paired difference of final ``key`` between objectives ``b`` and ``a``.
+
+    Runs with the same seed share the base student's sampling streams and data order, so the per-seed
+    difference removes the seed's own luck; the interval is ``mean ± t_{0.975, n-1} * sd / sqrt(n)`` (None with
+    fewer than two shared seeds; an interval that excludes 0 is a difference these seeds resolve).
+    """
+    runs = grouped(results)
+    va = {r.seed: r.final.get(key) for r in runs.get(a, [])}
+    vb = {r.seed: r.final.get(key) for r in runs.get(b, [])}
+    diffs = [vb[s] - va[s] for s in sorted(va.keys() & vb.keys())
+             if va[s] is not None and vb[s] is not None and va[s] == va[s] and vb[s] == vb[s]]
+    if len(diffs) < 2:
+        return None
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    half = (T975[len(diffs) - 2] if len(diffs) - 1 <= len(T975) else 1.960) * sd / math.sqrt(len(diffs))
+    return Paired(mean, mean - half, mean + half, len(diffs), sum(d > 0 for d in diffs))
+
+
+def paired_table(results: Sequence[RunResult], reference: str, columns: Sequence[tuple[str, str, int]]) -> str:
+    """Markdown: each other objective minus ``reference`` per seed, ``mean [95% CI] (wins/seeds)`` per metric."""
+    lines = ["| objective - " + reference + " | " + " | ".join(h for _, h, _ in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for name in grouped(results):
+        if name == reference:
+            continue
+        cells = []
+        for key, _, d in columns:
+            p = paired_difference(results, reference, name, key)
+            cells.append("-" if p is None else
+                         f"{p.mean:+.{d}f} [{p.low:+.{d}f}, {p.high:+.{d}f}] ({p.wins}/{p.seeds})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _cell(mean: float, std: float | None, decimals: int) -> str:
     """``mean ± std``, just ``mean`` for one run, ``-`` for a metric that was not measured (NaN)."""
     if mean != mean:
