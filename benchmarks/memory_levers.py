@@ -8,6 +8,10 @@ Levers (``--levers``, comma-separated):
 
     lora           full fine-tuning  vs  ``models.lora`` (all-linear, r 16): a big student, a tiny teacher
     teacher_dtype  float32 teacher   vs  ``models.teacher_dtype=bfloat16``: a big teacher, a tiny student
+    grad_ckpt      a LoRA student    vs  the same with ``optim.gradient_checkpointing=true`` (LoRA, a bounded
+                   KV cache and a small loss chunk in both, ``GRAD_CKPT_BASE``, so that the activations the
+                   backward keeps are the peak, not the optimizer state, the rollout or the loss buffers;
+                   they grow with tokens: raise ``--new-tokens``)
 
 Each variant runs in a fresh subprocess that builds the run (models loaded, every weight read once:
 transformers maps safetensors lazily), then trains ``--steps`` steps (AdamW allocates its moments on the
@@ -36,11 +40,13 @@ Usage::
 
     python benchmarks/memory_levers.py                        # CPU, both levers, 8 layers, 2 steps
     python benchmarks/memory_levers.py --levers lora --layers 4 --device cuda
+    python benchmarks/memory_levers.py --levers grad_ckpt --new-tokens 256
     python benchmarks/memory_levers.py --activations          # bytes per token per layer, Qwen3 shapes
 
 The last line is machine-readable::
 
     summary: lora_peak_ratio=<full / lora peak> lora_train_ratio=<full / lora train> teacher_bf16_peak_ratio=<...>
+             grad_ckpt_peak_ratio=<...> grad_ckpt_train_ratio=<...>   (the levers run)
 """
 
 from __future__ import annotations
@@ -72,11 +78,17 @@ class Lever:
     lever: tuple[str, tuple[str, ...]]
 
 
+#: Both arms of ``grad_ckpt``: LoRA (no optimizer state to speak of), the KV cache bounded by generating two rows
+#: at a time and the fused loss's logits chunk held to 128 positions, so the update's activations are the peak.
+GRAD_CKPT_BASE = ("models.lora.r=16", "models.lora.alpha=32", "rollout.max_batch_size=2", "chunk_size=128")
+
 LEVERS = {
     "lora": Lever("lora", "student", ("full fine-tuning", ()),
                   ("lora r16 all-linear", ("models.lora.r=16", "models.lora.alpha=32"))),
     "teacher_dtype": Lever("teacher_dtype", "teacher", ("teacher float32", ("models.teacher_dtype=float32",)),
                            ("teacher bfloat16", ("models.teacher_dtype=bfloat16",))),
+    "grad_ckpt": Lever("grad_ckpt", "student", ("lora r16", GRAD_CKPT_BASE),
+                       ("lora r16 + grad ckpt", (*GRAD_CKPT_BASE, "optim.gradient_checkpointing=true"))),
 }
 
 
@@ -277,6 +289,9 @@ def report(args: argparse.Namespace, levers: list[Lever], results: dict[str, dic
         if lever.name == "lora":
             summary += [f"lora_peak_ratio={base['peak'] / lev['peak']:.2f}",
                         f"lora_train_ratio={base['train'] / max(lev['train'], 1):.2f}"]
+        elif lever.name == "grad_ckpt":
+            summary += [f"grad_ckpt_peak_ratio={base['peak'] / lev['peak']:.2f}",
+                        f"grad_ckpt_train_ratio={base['train'] / max(lev['train'], 1):.2f}"]
         else:
             summary += [f"teacher_bf16_peak_ratio={base['peak'] / lev['peak']:.2f}"]
     print("summary: " + " ".join(summary))

@@ -21,11 +21,12 @@ def _overrides(tiny_models, out, *extra: str) -> list[str]:
             f"output_dir={out}", "optim.grad_clip=0", *extra]
 
 
-def test_token_budget_groups_pack_by_length_within_the_budget():
+def test_token_budget_groups_cut_sorted_rows_at_the_fewest_positions_within_the_budget():
     prompt_B = torch.tensor([2, 3, 2, 2, 4, 2])
     completion_B = torch.tensor([1, 20, 2, 3, 18, 1])
     groups = token_budget_groups(prompt_B, completion_B, max_tokens=48)
     # longest first: rows 1 (3+20) and 4 (4+18): 2 x (4 + 20) = 48 fits; then 3, 2, 0, 5 at width 2+3: 4 x 5 = 20
+    # (196 positions with 64 per forward; splitting 1 from 4 would compute 257)
     assert [g.tolist() for g in groups] == [[1, 4], [3, 2, 0, 5]]
     assert sorted(torch.cat(groups).tolist()) == list(range(6))
     # a row wider than the budget travels alone
@@ -61,7 +62,9 @@ def test_padding_share_falls_with_a_token_budget_on_long_tailed_lengths():
     budget = micro_batches(r, rows, size=4, max_tokens=4 * 10)
     valid = sum(lengths)
     assert padded_tokens(r, fixed) == 4 * 43 + 4 * 7  # the long row pads its three neighbours to 43
-    assert padded_tokens(r, budget) == 1 * 43 + 5 * 7 + 2 * 5  # [40], five rows of width 3+4, two of 3+2
+    # [40] alone (43 > 40); the rest sorted 4,3,3,2,2,2,2 (+3 prompt): all seven at width 7 exceed 40; of the
+    # two-group cuts, [4,3,3] at 7 + [2,2,2,2] at 5 computes the fewest positions (41; one more forward costs 64)
+    assert padded_tokens(r, budget) == 43 + 3 * 7 + 4 * 5
     assert valid / padded_tokens(r, budget) > 1.5 * valid / padded_tokens(r, fixed)
 
 
