@@ -126,3 +126,12 @@ def test_checkpointing_is_on_in_the_update_only_and_sampling_keeps_its_cache(tin
     assert not any(on for _, on, _ in sampling)
     assert training and all(on for _, on, _ in training)
     assert not layer.gradient_checkpointing  # off again after the update
+
+
+def test_gradient_checkpointing_with_a_lora_student_gives_the_same_adapter_gradient(tiny_models, tmp_path):
+    __import__("pytest").importorskip("peft")
+    lora = ("models.lora.r=4", "models.lora.alpha=8", "models.lora.dropout=0")
+    plain = _grads(tiny_models, tmp_path / "off", *lora)
+    ckpt = _grads(tiny_models, tmp_path / "on", *lora, "optim.gradient_checkpointing=true")
+    assert all("lora_" in name for name in plain["grads"])  # only the adapters train
+    _assert_same_grads(plain, ckpt)

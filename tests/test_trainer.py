@@ -255,3 +255,18 @@ def test_torchrun_two_processes_follow_the_one_process_schedule(tiny_models, tmp
     assert len({r["lr"] for r in rows}) == 4  # warmup then cosine: the column can tell the schedules apart
     AutoModelForCausalLM.from_pretrained(out / "final")
 
+
+
+def test_step_prompt_indices_follow_one_seeded_permutation_per_pass():
+    """The cached pass order gives exactly the documented indices: pass e of the data is
+    randperm(num_problems) under seed * 7919 + e, position p reads its (p mod num_problems)-th entry."""
+    from eopd.collect import step_prompt_indices
+
+    def reference(n, position, count, seed):
+        return [int(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + pos // n))[pos % n])
+                for pos in range(position, position + count)]
+
+    for position in (0, 5, 9, 23):  # within a pass and across pass boundaries
+        full = reference(10, position, 8, seed=3)
+        assert step_prompt_indices(10, position, 8, 3, rank=0, world=1) == full
+        assert step_prompt_indices(10, position, 8, 3, rank=1, world=2) == full[1::2]

@@ -8,6 +8,7 @@ that follow see fixed teacher scores and fixed token weights (entropy gate, adap
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -60,11 +61,16 @@ class Batch:
 def step_prompt_indices(num_problems: int, position: int, count: int, seed: int, rank: int, world: int) -> list[int]:
     """Global indices of one step's ``count`` prompts from data position ``position``; this process keeps every
     ``world``-th. The order is a fresh seeded permutation per pass over the data (epoch)."""
-    idx = []
-    for pos in range(position, position + count):
-        epoch = torch.Generator().manual_seed(seed * 7_919 + pos // num_problems)
-        idx.append(int(torch.randperm(num_problems, generator=epoch)[pos % num_problems]))
+    idx = [epoch_order(num_problems, seed * 7_919 + pos // num_problems)[pos % num_problems]
+           for pos in range(position, position + count)]
     return idx[rank::world]
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(num_problems: int, epoch_seed: int) -> tuple[int, ...]:
+    """One pass's prompt order (cached: a step reads one or two passes, and a permutation per prompt cost
+    68 ms a step at 100,000 prompts, docs/performance.md)."""
+    return tuple(torch.randperm(num_problems, generator=torch.Generator().manual_seed(epoch_seed)).tolist())
 
 
 #: The role of every token of a row whose roles the task cannot tell (its ``token_roles`` raised ValueError).
