@@ -4,7 +4,6 @@ fused loss, the sampler and DDP all see base + adapter."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,10 @@ from eopd.losses import reverse_kl
 from eopd.models import load_causal_lm
 from eopd.prompting import encode_prompts
 from eopd.rollout import Rollout, sample
-from eopd.tracking import read_metrics
 from eopd.trainer import run, train
 
 from .conftest import REPO
+from .test_trainer import check_kill_and_resume
 
 peft = pytest.importorskip("peft")
 
@@ -91,25 +90,10 @@ def test_checkpoint_holds_only_the_adapter(tiny_models, tmp_path):
     assert numel == 2 * sum(v.numel() for v in saved.values())
 
 
-def _strip_times(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s/"))} for r in rows]
-
-
 @pytest.mark.slow
 def test_kill_and_resume_reproduces_uninterrupted_lora_run(tiny_models, tmp_path):
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    common = (*LORA, "models.lora.dropout=0.1", "max_steps=6", "save_every=3", "rollout.prompts_per_step=4",
-              "optim.minibatch_size=8", "optim.micro_batch_size=4", "objective=eopd", "loss.adaptive_share=0.3")
-    train(cfg_of(tiny_models, full, *common))
-    train(cfg_of(tiny_models, cut, *common))
-    # a kill during step 4: the step-6 checkpoint and the final folder never got written
-    shutil.rmtree(cut / "checkpoints" / "step_000006")
-    shutil.rmtree(cut / "final")
-    assert latest_checkpoint(cut).name == "step_000003"
-    train(cfg_of(tiny_models, cut, *common, "resume=true"))
-    a, b = _strip_times(read_metrics(full / "metrics.jsonl")), _strip_times(read_metrics(cut / "metrics.jsonl"))
-    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
-    assert a == b  # bit for bit on CPU, dropout included (the torch RNG is in the checkpoint)
+    # bit for bit on CPU, dropout included (the torch RNG is in the checkpoint)
+    full, cut = check_kill_and_resume(cfg_of, tiny_models, tmp_path, *LORA, "models.lora.dropout=0.1")
     for file in ("adapter/adapter_model.safetensors", "model.safetensors"):
         sa, sb = load_file(full / "final" / file), load_file(cut / "final" / file)
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), file

@@ -95,21 +95,27 @@ def _strip_times(rows):
     return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s/"))} for r in rows]
 
 
-@pytest.mark.slow
-def test_kill_and_resume_reproduces_uninterrupted_run(tiny_models, tmp_path):
+def check_kill_and_resume(make_cfg, tiny_models, tmp_path, *extra: str) -> tuple[Path, Path]:
+    """Six steps run whole, and run again with a kill during step 4 (the step-6 checkpoint and the final folder
+    never written) then ``resume=true``: the metrics must agree bit for bit on CPU. Returns both output folders."""
     full, cut = tmp_path / "full", tmp_path / "cut"
-    common = ("max_steps=6", "save_every=3", "rollout.prompts_per_step=4", "optim.minibatch_size=8",
+    common = (*extra, "max_steps=6", "save_every=3", "rollout.prompts_per_step=4", "optim.minibatch_size=8",
               "optim.micro_batch_size=4", "objective=eopd", "loss.adaptive_share=0.3")
-    train(tiny_cfg(tiny_models, full, *common))
-    train(tiny_cfg(tiny_models, cut, *common))
-    # simulate a kill during step 4: the step-6 checkpoint and final model never got written
+    train(make_cfg(tiny_models, full, *common))
+    train(make_cfg(tiny_models, cut, *common))
     shutil.rmtree(cut / "checkpoints" / "step_000006")
     shutil.rmtree(cut / "final")
     assert latest_checkpoint(cut).name == "step_000003"
-    train(tiny_cfg(tiny_models, cut, *common, "resume=true"))
+    train(make_cfg(tiny_models, cut, *common, "resume=true"))
     a, b = _strip_times(read_metrics(full / "metrics.jsonl")), _strip_times(read_metrics(cut / "metrics.jsonl"))
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
-    assert a == b  # bit-for-bit on CPU
+    assert a == b
+    return full, cut
+
+
+@pytest.mark.slow
+def test_kill_and_resume_reproduces_uninterrupted_run(tiny_models, tmp_path):
+    full, cut = check_kill_and_resume(tiny_cfg, tiny_models, tmp_path)
     sa = AutoModelForCausalLM.from_pretrained(full / "final").state_dict()
     sb = AutoModelForCausalLM.from_pretrained(cut / "final").state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
