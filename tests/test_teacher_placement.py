@@ -74,7 +74,10 @@ def test_bfloat16_teacher_with_float32_student_trains_with_float32_scores(tiny_m
              "top-1 logprob": (scores.topk_logprobs_BTK[..., 0], exact.topk_logprobs_BTK[..., 0])}
     for k, (v, ref_v) in pairs.items():  # top-k beyond the first may swap near-ties in bf16
         diff = (v - ref_v)[mask].abs().max()
-        assert 0 < diff < 0.1, (k, float(diff))  # differs (it is bf16) but only by rounding
+        mean = (v - ref_v)[mask].abs().mean()
+        # differs (it is bf16) but only by rounding: mean error within 2% of the values, none above 0.25 nats
+        scale = ref_v[mask].abs().mean()
+        assert 0 < mean < 0.02 * scale and diff < 0.25, (k, float(mean), float(diff), float(scale))
     history = run(c)
     assert len(history) == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
 
