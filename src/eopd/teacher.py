@@ -198,18 +198,20 @@ class HFTeacher:
             want_logits: Also return full ``[B, T, V]`` logits (exact baselines, plain path).
             want_hidden: Also return the final hidden states and the lm_head (exact baselines, fused path).
         """
-        B = rollout.completion_ids_BT.shape[0]
+        B, T = rollout.completion_ids_BT.shape
         home = rollout.completion_ids_BT.device  # the student's: the teacher may sit elsewhere
-        if home != self.device:
-            rollout = _moved(rollout, self.device)
-        groups = micro_batches(rollout, torch.arange(B, device=self.device), size=self.micro_batch_size,
+        # grouped and trimmed where the rollout lives; only each trimmed micro-batch travels to the teacher
+        groups = micro_batches(rollout, torch.arange(B, device=home), size=self.micro_batch_size,
                                max_tokens=self.max_tokens_per_micro_batch)
-        T = rollout.completion_ids_BT.shape[1]
-        scores = concat_scores([padded_scores(self._score_rows(rollout.select(g).trimmed(), top_k, want_logits,
-                                                               want_hidden), T) for g in groups])
+        parts = []
+        for g in groups:
+            rows = rollout.select(g).trimmed()
+            rows = rows if home == self.device else _moved(rows, self.device)
+            parts.append(padded_scores(self._score_rows(rows, top_k, want_logits, want_hidden), T))
+        scores = concat_scores(parts)
         order = torch.cat(groups)
-        if not torch.equal(order, torch.arange(B, device=self.device)):
-            scores = scores.select(torch.argsort(order))  # back to the rollout's row order
+        if not torch.equal(order, torch.arange(B, device=home)):
+            scores = scores.select(torch.argsort(order).to(self.device))  # back to the rollout's row order
         if home == self.device:
             return scores
         head = None if scores.head is None else (scores.head[0].to(home), None if scores.head[1] is None
