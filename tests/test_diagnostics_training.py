@@ -66,3 +66,11 @@ def test_task_without_roles_logs_no_role_metrics(tiny_models, tmp_path):
     rows = run_rows(tiny_models, tmp_path / "run", "max_steps=1", "data.task=jsonl", f"data.path={prompts}")
     assert all(k in rows[0] for k in GRAD_KEYS)
     assert not any(k.startswith("role/") for k in rows[0])
+
+
+def test_grad_norm_is_measured_with_clipping_off(tiny_models, tmp_path):
+    """grad_clip=0 still logs the pre-clip norm (it was 0 before): the first step's equals a clipped run's."""
+    clipped = run_rows(tiny_models, tmp_path / "clip", "max_steps=1")
+    free = run_rows(tiny_models, tmp_path / "free", "max_steps=1", "optim.grad_clip=0")
+    assert free[0]["grad_norm"] > 0 and free[0]["diag/clip_coef"] == 1.0
+    assert free[0]["grad_norm"] == pytest.approx(clipped[0]["grad_norm"], rel=1e-6)  # the same first gradient

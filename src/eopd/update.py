@@ -292,8 +292,9 @@ def _epochs(
                     merge_metrics(sums, grad_sums(out.token_parts, mb, normalizer * world), 0)
                 if diagnose and roles is not None:
                     merge_metrics(sums, role_sums(out.token_parts, mb, roles), 0)
-            if optim.grad_clip > 0:
-                grad_norms.append(float(accelerator.clip_grad_norm_(model.parameters(), optim.grad_clip)))
+            # the pre-clip norm is measured with clipping off too (an infinite max norm scales nothing)
+            max_norm = optim.grad_clip if optim.grad_clip > 0 else float("inf")
+            grad_norms.append(float(accelerator.clip_grad_norm_(model.parameters(), max_norm)))
             if optim.diagnostics:  # every update of the step, as grad_norm
                 coef = clip_coef(grad_norms[-1], optim.grad_clip) if optim.grad_clip > 0 else 1.0
                 merge_metrics(sums, {f"{RAW}diag/clip_coef": coef, f"{RAW}diag/updates": 1.0}, 0)
