@@ -1,6 +1,6 @@
 """``eopd demo``: the embedded default, end to end on a laptop CPU.
 
-1. Build (or load from the cache) a named arithmetic world (``--world``, default ``capability-gap``): a
+1. Build (or load from the cache) a named arithmetic world (``--world``, default ``multi-path``): a
    teacher trained on several orders of adding the terms and a weaker base student (``eopd.world``).
 2. Distil the base student with each objective and several seeds on one budget of steps, two runs at a time
    (two single-thread processes beat one two-thread process on 2 cores), each run an ordinary

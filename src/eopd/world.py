@@ -212,7 +212,7 @@ def _without_replaced_values(cls: type, defaults: dict, update: dict) -> dict:
 # The registry of named worlds: one YAML file each under configs/worlds/ (docs/worlds.md)
 
 WORLDS_DIR = Path(__file__).resolve().parent / "configs" / "worlds"
-DEFAULT_WORLD = "capability-gap"  # WorldConfig()'s defaults: the world the demo was first built on
+DEFAULT_WORLD = "multi-path"  # the demo's default (configs/demo.yaml): the paper's setting (docs/evidence.md)
 WORLD_FILE_KEYS: tuple[str, ...] = ("description", "world", "train", "modes")
 
 

@@ -4,7 +4,7 @@ A world (``eopd.world``) is what ``eopd demo`` distils: a multi-path teacher and
 scratch. The registered ones are named (``configs/worlds/*.yaml``, docs/worlds.md); this command builds one
 on demand, so its figures can be checked before (or without) a demo::
 
-    eopd world                                   # the default world (capability-gap), into the cache
+    eopd world                                   # the default world (multi-path), into the cache
     eopd world --world multi-path --threads 1    # a registered world (~/.cache/eopd/world or $EOPD_CACHE)
     eopd world --config my_world.yaml            # a variant world (a mapping, or its ``world:`` section)
     eopd world --role teacher --output-dir out/teacher      # one role into a new folder
