@@ -353,13 +353,15 @@ def test_cli_world_flag_picks_a_registered_world(tmp_path: Path, capsys, monkeyp
     monkeypatch.setattr(world, "build_world", fake_build)
     assert world_cli(["--world", "multi-path", "--eval-problems", "0", "--cache-dir", str(tmp_path)]) == 0
     assert built == [world.named_world_config("multi-path")]
-    assert world_cli(["--eval-problems", "0", "--cache-dir", str(tmp_path)]) == 0
+    assert world_cli(["--world", "capability-gap", "--eval-problems", "0", "--cache-dir", str(tmp_path)]) == 0
     assert built[-1] == WorldConfig()
+    assert world_cli(["--eval-problems", "0", "--cache-dir", str(tmp_path)]) == 0  # the default: the demo's
+    assert built[-1] == world.named_world_config(world.DEFAULT_WORLD) == world.named_world_config("multi-path")
     # the demo config names its default world; --config reads that name too
     from eopd.demo import DEMO_CONFIG
 
     assert world_cli(["--config", str(DEMO_CONFIG), "--eval-problems", "0", "--cache-dir", str(tmp_path)]) == 0
-    assert built[-1] == WorldConfig()
+    assert built[-1] == world.named_world_config("multi-path")
     capsys.readouterr()
     with pytest.raises(SystemExit):
         world_cli(["--world", "multi-path", "--config", str(DEMO_CONFIG)])
