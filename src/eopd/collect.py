@@ -37,19 +37,19 @@ class Batch:
 
     def rows(self, r: Tensor) -> Batch:
         """The sub-batch of rows ``r`` (minibatches and micro-batches)."""
-        return Batch(self.rollout.select(r), self.scores.select(r), self.tokens.map(lambda x: x[r]),
-                     self.weights.map(lambda x: x[r]), self.seconds,
-                     role_ids_BT=None if self.role_ids_BT is None else self.role_ids_BT[r], role_names=self.role_names)
+        return self._derived(self.rollout.select(r), self.scores.select(r), lambda x: x[r])
 
     def trimmed(self) -> Batch:
         """The same rows at their own width (``Rollout.trimmed``): every ``[B, T, ...]`` field cut to the
         longest valid completion of these rows."""
         rollout = self.rollout.trimmed()
         T = rollout.completion_ids_BT.shape[1]
-        cols = lambda x: x[:, :T]  # noqa: E731
-        return Batch(rollout, self.scores.select((slice(None), slice(0, T))), self.tokens.map(cols),
-                     self.weights.map(cols), self.seconds,
-                     role_ids_BT=None if self.role_ids_BT is None else cols(self.role_ids_BT),
+        return self._derived(rollout, self.scores.select((slice(None), slice(0, T))), lambda x: x[:, :T])
+
+    def _derived(self, rollout: Rollout, scores: TeacherScores, pick: Callable[[Tensor], Tensor]) -> Batch:
+        """A batch of ``rollout`` and ``scores`` whose per-token fields are ``pick`` of this one's."""
+        return Batch(rollout, scores, self.tokens.map(pick), self.weights.map(pick), self.seconds,
+                     role_ids_BT=None if self.role_ids_BT is None else pick(self.role_ids_BT),
                      role_names=self.role_names)
 
     @property

@@ -171,10 +171,9 @@ def _sample_rows(
     """Sample completions of one group of rows; returns ``(tokens_BT, logp_BT)`` with ``T`` <= the budget (the
     loop stops when every row has ended)."""
     B = ids_BP.shape[0]
-    params = _forward_params(model)
-    cache_kw = "cache" if "cache" in params else "past_key_values"
+    cache_kw = _cache_keyword(model)
     # the prompt's prefill only needs the last position's logits (not [B, P, V])
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}
     tokens: list[torch.Tensor] = []
     logps: list[torch.Tensor] = []
     finished_B = torch.zeros(B, dtype=torch.bool, device=ids_BP.device)

@@ -296,7 +296,7 @@ def _epochs(
             max_norm = optim.grad_clip if optim.grad_clip > 0 else float("inf")
             grad_norms.append(float(accelerator.clip_grad_norm_(model.parameters(), max_norm)))
             if optim.diagnostics:  # every update of the step, as grad_norm
-                coef = clip_coef(grad_norms[-1], optim.grad_clip) if optim.grad_clip > 0 else 1.0
+                coef = clip_coef(grad_norms[-1], optim.grad_clip)  # 1 with clipping off
                 merge_metrics(sums, {f"{RAW}diag/clip_coef": coef, f"{RAW}diag/updates": 1.0}, 0)
             optimizer.step()
             scheduler.step()
