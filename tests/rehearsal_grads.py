@@ -1,4 +1,4 @@
-"""The gradient of one update on one fixed batch, split over however many processes run this file.
+"""One update, or one whole training step, on one fixed batch, split over however many processes run this file.
 
 ``tests/test_rehearsal.py`` launches it under ``torchrun --nproc_per_node 2`` and calls
 ``first_update_grads`` in its own (single) process: both must give the same gradient, which only holds when
@@ -10,21 +10,36 @@ Every process samples the same full batch (same prompts, same seeded generators,
 keeps rows ``rank::world`` and runs ``eopd.update.ppo_update`` once with the minibatch = the whole batch and no
 clipping; the parameters' gradients are recorded just before ``optimizer.step`` and written, with the full
 batch's completion ids, to ``OUT_PREFIX.rank<r>.pt``.
+
+``--step`` runs the trainer's periodic evaluation, then the whole of ``eopd.trainer.step`` (every PPO epoch and
+minibatch, clipping, the adaptive tau, the diagnostics, the step's metrics reduced over processes) on the
+process's rows of one fixed rollout, and writes ``step_on_rollout``'s result
+(``tests/test_process_count.py`` compares it with one process):
+
+    torchrun --standalone --nproc_per_node 2 tests/rehearsal_grads.py --step OUT_PREFIX CONFIG [key=value ...]
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
+import eopd.collect
+import eopd.evaluation
+import eopd.update
 from eopd.collect import Batch, collect_batch, step_prompt_indices
-from eopd.components import Components, build_components
+from eopd.components import Components, build_components, make_generators
 from eopd.config import load_config
-from eopd.update import ppo_update
+from eopd.rollout import Rollout, sample
+from eopd.trainer import evaluate, step
+from eopd.update import minibatches, ppo_update
 
 MIN_IMBALANCE = 0.05  # the halves' valid-token counts differ by at least this share of the larger one
 
@@ -85,10 +100,75 @@ def first_update_grads(c: Components) -> dict[str, Any]:
             "row_tokens": batch.rollout.completion_mask_BT.sum(1), "seed": seed, "rank": c.rank, "world": c.world}
 
 
+def uneven_rollout(c: Components, tries: int = 100) -> tuple[Rollout, int]:
+    """The first step's prompts, all of them, sampled with seeds 0, 1, ... until the even and odd rows hold
+    clearly different numbers of valid tokens (``uneven_batch``'s rule); the same on every process."""
+    cfg, r = c.cfg, c.cfg.rollout
+    prompts = step_prompt_indices(len(c.problems), 0, r.prompts_per_step, cfg.seed, rank=0, world=1)
+    for seed in range(tries):
+        rollout = sample(c.student, [c.prompt_ids[i] for i in prompts], n=r.n, max_new_tokens=r.max_new_tokens,
+                         temperature=r.temperature, eos_token_ids=c.eos_ids, pad_token_id=c.tokenizer.pad_token_id,
+                         generator=torch.Generator().manual_seed(seed), vocab_size=c.vocab_size)
+        tokens = rollout.completion_mask_BT.sum(1)
+        halves = float(tokens[0::2].sum()), float(tokens[1::2].sum())
+        if abs(halves[0] - halves[1]) >= MIN_IMBALANCE * max(halves):
+            return rollout, seed
+    raise RuntimeError(f"no seed below {tries} gives rows of uneven lengths; completions never end early")
+
+
+def partition_of(world: int, c: Components) -> Iterator[list[torch.Tensor]]:
+    """Each PPO epoch's minibatches, as rows of the whole rollout, that a run of ``world`` processes takes:
+    process ``r`` holds rows ``r::world`` and shuffles them with its own ``shuffle`` generator
+    (``make_generators``), and a minibatch is every process's share of it. One process given these
+    minibatches (``step_on_rollout``'s ``partition``) updates on the very minibatches the ``world`` did."""
+    optim = c.cfg.optim
+    rows = c.cfg.rollout.batch_size
+    shuffles = [make_generators(c.cfg.seed, r, torch.device("cpu"))["shuffle"] for r in range(world)]
+    while True:
+        local = [minibatches(rows // world, optim.minibatch_size // world, g, torch.device("cpu")) for g in shuffles]
+        yield [torch.cat([part * world + r for r, part in enumerate(parts)]) for parts in zip(*local, strict=True)]
+
+
+def step_on_rollout(c: Components, rollout: Rollout, partition: Iterator[list[torch.Tensor]] | None = None,
+                    ) -> dict[str, Any]:
+    """``eopd.trainer.evaluate`` (with ``eval.every``), then ``eopd.trainer.step`` on this process's rows
+    (``rank::world``) of ``rollout`` instead of its own samples; ``partition`` (one process) replaces the
+    minibatch shuffle.
+
+    Returns:
+        ``records`` (the evaluation's graded records, as one process holds them all) and ``eval`` (its
+        metrics), ``metrics`` (the step's, reduced over processes), ``weights`` (the student's parameters
+        after the step), ``rank``, ``world``.
+    """
+    records: list[Any] = []
+    eval_metrics: dict[str, float] = {}
+    if c.cfg.eval.every:
+        evaluate_shared = eopd.evaluation.evaluate_across_processes
+
+        def recording(*args: Any, **kwargs: Any) -> Any:
+            records.extend(evaluate_shared(*args, **kwargs))
+            return records
+
+        with mock.patch.object(eopd.evaluation, "evaluate_across_processes", recording):
+            eval_metrics = evaluate(c)
+    mine = rollout.select(torch.arange(c.rank, rollout.completion_ids_BT.shape[0], c.world))
+    with ExitStack() as patched:
+        patched.enter_context(mock.patch.object(eopd.collect, "sample", lambda *args, **kwargs: mine))
+        if partition is not None:
+            patched.enter_context(mock.patch.object(eopd.update, "minibatches", lambda *a, **k: next(partition)))
+        metrics = step(c)
+    weights = {n: p.detach().clone() for n, p in c.student.named_parameters()}
+    return {"metrics": metrics, "weights": weights, "records": records, "eval": eval_metrics, "rank": c.rank,
+            "world": c.world}
+
+
 def main(argv: list[str]) -> None:
-    """``OUT_PREFIX CONFIG [key=value ...]``: write this process's ``first_update_grads`` next to OUT_PREFIX."""
-    prefix, config, *overrides = argv
-    result = first_update_grads(build_components(load_config(config, overrides)))
+    """``[--step] OUT_PREFIX CONFIG [key=value ...]``: write this process's ``first_update_grads`` (or, with
+    ``--step``, ``step_on_rollout`` of ``uneven_rollout``) next to OUT_PREFIX."""
+    whole_step = argv[0] == "--step"
+    prefix, config, *overrides = argv[1:] if whole_step else argv
+    c = build_components(load_config(config, overrides))
+    result = step_on_rollout(c, uneven_rollout(c)[0]) if whole_step else first_update_grads(c)
     torch.save(result, Path(f"{prefix}.rank{result['rank']}.pt"))
 
 

@@ -1,12 +1,15 @@
 """Bad input gives ONE line that names what is wrong and how to fix it, never a traceback, and loses nothing:
 prompt files, rows, fields, Hub ids and the data config (raised as ``UserError``, printed by the command
 line), a tokenizer without the chat template a config asks for, ``eopd eval`` sampling flags and model
-folders, ``eopd sft --data``, ``eopd demo`` budgets, and an interrupted world build."""
+folders, ``eopd sft --data``, every argument of every command, and an interrupted world build."""
 
 from __future__ import annotations
 
 import json
+import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,6 @@ import pytest
 
 from eopd import world
 from eopd.cli import main as eopd_main
-from eopd.commands.demo import main as demo_main
 from eopd.commands.sft import main as sft_main
 from eopd.config import ConfigError, DataConfig, from_dict
 from eopd.errors import UserError
@@ -194,14 +196,116 @@ def test_cli_reports_a_missing_data_file(tmp_path: Path, capsys) -> None:
     assert code == 2 and err.count("\n") == 0 and "missing.jsonl" in err and "not found" in err, err
 
 
-@pytest.mark.parametrize("flag", ["--steps", "--seeds", "--workers"])
-@pytest.mark.parametrize("value", ["0", "-5"])
-def test_demo_budgets_below_one_stop_before_anything_runs(tmp_path: Path, capsys, flag: str, value: str) -> None:
-    with pytest.raises(SystemExit) as info:
-        demo_main([flag, value, "--output-dir", str(tmp_path / "demo")])
-    assert info.value.code == 2
-    assert f"{flag} must be >= 1, got {value}" in capsys.readouterr().err
-    assert not (tmp_path / "demo").exists()
+# ------------------------------------------------------------------------- every command's own arguments
+# (issue 17 item 11) Each row: a command line with one bad argument, and words its one line must hold. {file}
+# is an existing file, {dir} an existing (empty) folder, {missing} a model folder that does not exist: the
+# argument must be refused before anything loads, so no case reaches a model.
+
+BAD_ARGUMENTS: list[tuple[list[str], list[str]]] = [
+    # eopd serve-teacher
+    (["serve-teacher", "{missing}", "--port", "70000"], ["--port", "0..65535", "70000"]),
+    (["serve-teacher", "{missing}", "--port", "-1"], ["--port", "0..65535", "-1"]),
+    (["serve-teacher", "{missing}", "--port", "http"], ["--port", "'http'"]),
+    (["serve-teacher", "{missing}"], ["--port", "required"]),
+    (["serve-teacher", "{missing}", "--port", "0", "--top-k-max", "0"], ["--top-k-max", ">= 1", "got 0"]),
+    (["serve-teacher", "{missing}", "--port", "0", "--micro-batch-size", "0"], ["--micro-batch-size", ">= 1"]),
+    (["serve-teacher", "{missing}", "--port", "0", "--num-threads", "-1"], ["--num-threads", ">= 1", "-1"]),
+    (["serve-teacher", "{missing}", "--port", "0", "--max-request-mb", "0"], ["--max-request-mb", ">= 1"]),
+    (["serve-teacher", "{missing}", "--port", "0", "--max-batch-tokens", "-3"], ["--max-batch-tokens", ">= 1"]),
+    (["serve-teacher", "{missing}", "--port", "0", "--dtype", "float8"], ["--dtype", "'float8'", "bfloat16"]),
+    (["serve-teacher", "{missing}", "--port", "0", "--device", "gpu"], ["--device", "cuda:N", "'gpu'"]),
+    (["serve-teacher", "{missing}", "--port", "0", "--device", "cuda:99"], ["--device", "'cuda:99'", "GPU(s)"]),
+    (["serve-teacher", "{missing}", "--port", "0", "--host", " "], ["--host", "must not be empty"]),
+    (["serve-teacher", "{missing}", "--port", "0", "--served-model-name", ""], ["--served-model-name", "empty"]),
+    (["serve-teacher", "{missing}", "--port", "0", "--host", "no-such-host.invalid"], ["--host", "does not resolve"]),
+    (["serve-teacher", "{missing}", "--port", "0", "--host", "0.0.0.0"],
+     ["0.0.0.0", "EOPD_TEACHER_API_KEY", "--allow-no-auth"]),
+    (["serve-teacher", "{missing}", "--port", "0", "--api-key", ""], ["--api-key is empty"]),
+    # eopd eval (sampling settings and model folders: the tests above)
+    (["eval", "--model", "{dir}", "--device", "gpu"], ["--device", "'gpu'"]),
+    (["eval", "--model", "{dir}", "--device", "cuda:99"], ["--device", "'cuda:99'", "GPU(s)"]),
+    (["eval", "--model", "{dir}", "--dtype", "fp8"], ["--dtype", "'fp8'", "float16"]),
+    (["eval", "--model", "{dir}", "--seed", "-1"], ["--seed", "-1"]),
+    (["eval", "--model", "{dir}", "--seed", str(2**64)], ["--seed", str(2**64)]),
+    (["eval", "--model", "{dir}", "--benchmarks", " , "], ["--benchmarks", "names no benchmark"]),
+    (["eval", "--model", "{dir}", "--output-dir", "{file}"], ["--output-dir", "is a file"]),
+    (["eval", "--model", "{dir}", "--output-dir", "{file}/results"], ["--output-dir", "is a file"]),
+    (["eval", "--model", "{dir}", "--n", "0"], ["--n", ">= 1", "got 0"]),
+    (["eval", "--model", "{dir}", "--limit", "-2"], ["--limit", ">= 1"]),
+    (["eval", "--model", "{dir}", "--temperature", "inf"], ["--temperature", "finite"]),
+    (["eval", "--compare", "{file}", "{file}", "--bootstrap", "0"], ["--bootstrap", ">= 1"]),
+    (["eval", "--model", "{dir}", "--chat-template", "yes"], ["--chat-template", "'yes'"]),
+    # eopd sft
+    (["sft", "--data", "{file}", "--output-dir", "{dir}/m", "--steps", "0"], ["--steps", ">= 1", "got 0"]),
+    (["sft", "--data", "{file}", "--output-dir", "{dir}/m", "--lr", "nan"], ["--lr", "> 0", "nan"]),
+    (["sft", "--data", "{file}", "--output-dir", "{dir}/m", "--seed", "-1"], ["--seed", "-1"]),
+    (["sft", "--data", "{file}", "--output-dir", "{dir}/m", "--threads", "0"], ["--threads", ">= 1"]),
+    (["sft", "--data", "{file}", "--output-dir", "{dir}/m", "--hidden-size", "0"], ["--hidden-size", ">= 1"]),
+    (["sft", "--data", "{file}", "--output-dir", "{dir}/m", "--layers", "0"], ["--layers", ">= 1"]),
+    (["sft", "--data", "{file}", "--output-dir", "{dir}/m", "--heads", "0"], ["--heads", ">= 1"]),
+    (["sft", "--data", "{file}", "--output-dir", "{dir}/m", "--intermediate-size", "-4"],
+     ["--intermediate-size", ">= 1"]),
+    (["sft", "--data", "{file}", "--output-dir", "{dir}/m", "--kv-heads", "3"], ["--kv-heads 3", "divide --heads 4"]),
+    (["sft", "--data", "{file}", "--output-dir", "{dir}/m", "--hidden-size", "12"], ["--hidden-size 12", "even"]),
+    (["sft", "--data", "{file}", "--output-dir", "{file}/m"], ["--output-dir", "is a file"]),
+    # eopd world
+    (["world", "--eval-problems", "-1"], ["--eval-problems", ">= 0", "-1"]),
+    (["world", "--threads", "0"], ["--threads", ">= 1"]),
+    (["world", "--role", "student", "--output-dir", "{dir}/s", "--seed", str(2**64)], ["--seed", str(2**64)]),
+    (["world", "--role", "student", "--output-dir", "{dir}/s", "--lr", "-1"], ["--lr", "> 0", "-1"]),
+    (["world", "--role", "student", "--output-dir", "{dir}/s", "--steps", "0"], ["--steps", ">= 1"]),
+    (["world", "--role", "student", "--output-dir", "{file}/s"], ["--output-dir", "is a file"]),
+    (["world", "--cache-dir", "{file}"], ["--cache-dir", "is a file"]),
+    # eopd demo
+    (["demo", "--output-dir", "{dir}/d", "--steps", "0"], ["--steps", ">= 1", "got 0"]),
+    (["demo", "--output-dir", "{dir}/d", "--seeds", "-5"], ["--seeds", ">= 1", "-5"]),
+    (["demo", "--output-dir", "{dir}/d", "--workers", "0"], ["--workers", ">= 1"]),
+    (["demo", "--output-dir", "{dir}/d", "--objectives", ","], ["--objectives", "names no objective"]),
+    (["demo", "--output-dir", "{file}"], ["--output-dir", "is a file"]),
+    (["demo", "--output-dir", "{dir}/d", "--cache-dir", "{file}/c"], ["--cache-dir", "is a file"]),
+    # eopd train (its config keys: tests/test_trainer.py)
+    (["train", "--resume"], ["unrecognized arguments", "--resume"]),
+    (["train", "{missing}.yaml"], ["not found"]),
+]
+
+
+@contextmanager
+def _within(seconds: float) -> Iterator[None]:
+    """Fail instead of hanging when a command starts working on a bad argument (a server, a build)."""
+    def stop(signum: int, frame: Any) -> None:
+        raise AssertionError(f"still running after {seconds} s: the argument was not refused")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize(("argv", "words"), BAD_ARGUMENTS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in BAD_ARGUMENTS])
+def test_every_command_refuses_a_bad_argument_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, argv: list[str], words: list[str]
+) -> None:
+    monkeypatch.delenv("EOPD_TEACHER_API_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)  # a default output folder (runs/...) would land here
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text('{"prompt": "1+1=", "completion": "2"}\n')
+    places = {"{file}": str(tmp_path / "file"), "{dir}": str(tmp_path / "dir"), "{missing}": str(tmp_path / "no")}
+    for placeholder, path in places.items():
+        argv = [a.replace(placeholder, path) for a in argv]
+    with _within(30):
+        try:
+            code = eopd_main(argv)
+        except SystemExit as exit_:  # argparse's own errors exit
+            code = exit_.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err and "\n" not in err and "Traceback" not in err, err
+    assert err.startswith(f"eopd {argv[0]}: "), err
+    for word in words:
+        assert word in err, (word, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file"] and not any((tmp_path / "dir").iterdir())
 
 
 def test_an_interrupted_build_leaves_nothing_in_the_cache(tmp_path: Path, monkeypatch) -> None:

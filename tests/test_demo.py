@@ -1,17 +1,21 @@
-"""``eopd demo --quick``: CI's smoke test of the embedded default (structure of the report, not numbers)."""
+"""``eopd demo --quick``: CI's smoke test of the embedded default (the report's structure, and its numbers
+recomputed from each run's own metrics by another route)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 
 from eopd.demo import DEMO_CONFIG, parse_variant, plan_for, plan_from_args, task_section
 from eopd.report import RunResult, markdown_table, mean_std, paired_difference, paired_table
+from eopd.tracking import read_metrics
 from eopd.world import WorldConfig, named_world_config, world_names
 
 
@@ -37,8 +41,15 @@ def test_quick_demo_writes_report_and_plots(tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert yaml.safe_load((out / "train.yaml").read_text())["data"]["arithmetic"]["num_terms"] == 3
     assert "| objective | seeds | RKL logit-grad norm | FKL logit-grad norm | cos(RKL, FKL) |" in report
-    for run in json.loads((out / "results.json").read_text())["runs"]:  # diagnostics reach the report's inputs
-        assert 0 < run["final"]["train/diag/clip_coef"] <= 1 and -1 <= run["final"]["train/diag/grad_cos"] <= 1
+    configs = {run: json.loads((out / "runs" / run / "seed0" / "config.json").read_text()) for run in ("opd", "eopd")}
+    for run in json.loads((out / "results.json").read_text())["runs"]:  # from each run's own metrics.jsonl
+        clip = configs[run["objective"]]["optim"]["grad_clip"]
+        rows = [r for r in read_metrics(out / "runs" / run["objective"] / "seed0" / "metrics.jsonl") if "loss" in r]
+        late = rows[int(len(rows) * 0.8):]  # the report's "last 20% of steps"
+        # one optimizer update per step: the applied clip coefficient follows from the logged pre-clip norm
+        coef = sum(min(1.0, clip / (r["grad_norm"] + 1e-6)) for r in late) / len(late)
+        assert run["final"]["train/diag/clip_coef"] == pytest.approx(coef, rel=1e-6)
+        assert run["final"]["train/diag/grad_cos"] == pytest.approx(sum(r["diag/grad_cos"] for r in late) / len(late))
     for run in ("opd", "eopd"):  # the trainer itself says which prompts it sampled
         assert "arithmetic prompts (3 terms," in (out / "runs" / run / "seed0" / "train.log").read_text()
     results = json.loads((out / "results.json").read_text())
@@ -47,14 +58,40 @@ def test_quick_demo_writes_report_and_plots(tmp_path):
     for run in results["runs"]:
         steps = [p["step"] for p in run["curve"]]
         assert steps == [0, 10, 20]
-        assert 0.0 <= run["final"]["avg@n"] <= 1.0 and 0.0 <= run["final"]["pass@8"] <= 1.0
-        curve = [run["final"][f"pass@{k}"] for k in range(1, 9)]
-        assert curve == sorted(curve) and curve[0] == pytest.approx(run["final"]["avg@n"])
+        for point in run["curve"]:
+            # the unbiased pass@1..8 of the problems fix how many problems have c = 0..8 correct samples: whole
+            # numbers, and pass@1 is the mean accuracy (a pass@k computed any other way gives fractions)
+            problems = configs[run["objective"]]["eval"]["problems"]
+            counts = correct_count_histogram([point[f"pass@{k}"] for k in range(1, 9)], problems)
+            assert counts == pytest.approx(counts.round(), abs=1e-6) and counts.min() > -1e-6, counts
+            assert point["avg@n"] == pytest.approx(sum(c * h for c, h in enumerate(counts.round())) / (8 * problems))
+        assert run["final"] == {**run["final"], **run["curve"][-1]}  # the final evaluation is the last one
     # a second run reuses the cached world (no training message)
     proc2 = subprocess.run([sys.executable, "-m", "eopd", "demo", "--world", str(world_file), "--quick", "--output-dir",
                             str(out / "again"), "--steps", "2"], capture_output=True, text=True, timeout=600, env=env)
     assert proc2.returncode == 0, proc2.stderr[-3000:]
     assert "training the teacher" not in proc2.stdout and "cached at" in proc2.stdout
+
+
+def correct_count_histogram(pass_at: list[float], problems: int) -> np.ndarray:
+    """How many problems have c = 0..n correct samples, from the mean unbiased pass@1..n of ``problems``
+    problems (``n + 1`` linear equations: the count total and ``problems * pass@k = sum_c h_c (1 - C(n - c, k)
+    / C(n, k))``)."""
+    n = len(pass_at)
+    rows = [[1.0] * (n + 1)] + [[1 - math.comb(n - c, k) / math.comb(n, k) for c in range(n + 1)]
+                                for k in range(1, n + 1)]
+    return np.linalg.solve(np.array(rows), np.array([problems] + [problems * p for p in pass_at]))
+
+
+def test_correct_count_histogram_tells_the_unbiased_pass_at_k_from_another() -> None:
+    from eopd.evaluation import pass_at_k
+
+    correct = [0, 0, 1, 3, 8, 8, 5, 2]  # 8 problems, 8 samples each
+    unbiased = [sum(pass_at_k(8, c, k) for c in correct) / 8 for k in range(1, 9)]
+    assert correct_count_histogram(unbiased, 8).round(9).tolist() == [2, 1, 1, 1, 0, 1, 0, 0, 2]
+    naive = [sum(1 - (1 - c / 8) ** k for c in correct) / 8 for k in range(1, 9)]  # with replacement: biased
+    counts = correct_count_histogram(naive, 8)
+    assert abs(counts - counts.round()).max() > 1e-3
 
 
 def test_modes_and_table():

@@ -187,8 +187,14 @@ def test_sampler_and_learner_agree_on_cpu_fp32(tiny_models, tmp_path):
 
 
 def test_cuda_index_is_honoured_for_one_process_and_refused_for_several(monkeypatch):
+    with pytest.raises(ConfigError, match="0 GPU"):  # this machine has none
+        pin_requested_gpu("cuda", 1)
     chosen = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(d))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match="2 GPU"):
+        pin_requested_gpu("cuda:2", 1)
     assert pin_requested_gpu("cuda:1", 1) == torch.device("cuda", 1)
     assert chosen == [torch.device("cuda", 1)]
     with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES"):

@@ -91,9 +91,12 @@ def test_checkpoint_holds_only_the_adapter(tiny_models, tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_reproduces_uninterrupted_lora_run(tiny_models, tmp_path):
-    # bit for bit on CPU, dropout included (the torch RNG is in the checkpoint)
-    full, cut = check_kill_and_resume(cfg_of, tiny_models, tmp_path, *LORA, "models.lora.dropout=0.1")
+@pytest.mark.parametrize("settings", [(*LORA, "models.lora.dropout=0.1"), ("models.lora={}",)],
+                         ids=["explicit", "defaults"])
+def test_kill_and_resume_reproduces_uninterrupted_lora_run(tiny_models, tmp_path, settings):
+    # bit for bit on CPU, dropout included (the torch RNG is in the checkpoint); at the defaults peft saves
+    # target_modules=all-linear expanded into module names, which must still count as the run's own settings
+    full, cut = check_kill_and_resume(cfg_of, tiny_models, tmp_path, *settings)
     for file in ("adapter/adapter_model.safetensors", "model.safetensors"):
         sa, sb = load_file(full / "final" / file), load_file(cut / "final" / file)
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), file
@@ -275,6 +278,28 @@ def test_resume_refuses_a_checkpoint_of_other_settings_and_leaves_it(tiny_models
     # never set aside as damaged: the checkpoints are where they were
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000001"]
     assert [p.name for p in list_checkpoints(lora_out)] == ["step_000001"]
+
+
+def test_adapter_settings_are_compared_by_what_they_select(tiny_models, tmp_path):
+    """peft saves all-linear as the list of module names it expanded to: that list, the string and the same
+    modules spelled as suffixes are one selection; a genuinely different one is named in one line."""
+    from eopd.lora import adapter_mismatch, apply_lora, save_adapter_folder
+
+    every_linear = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    saved = {}
+    for name, targets in (("default", "all-linear"), ("explicit", every_linear)):
+        saved[name] = tmp_path / name
+        save_adapter_folder(saved[name], apply_lora(load_causal_lm(tiny_models["student"]),
+                                                    LoraSpec(r=4, target_modules=targets), seed=0), None)
+    written = peft.LoraConfig.from_pretrained(str(saved["default"])).target_modules
+    assert written != "all-linear" and "model.layers.1.self_attn.o_proj" in written  # what peft stores
+    base = load_causal_lm(tiny_models["student"])
+    for folder in saved.values():
+        for targets in ("all-linear", every_linear):
+            assert adapter_mismatch(folder, LoraSpec(r=4, target_modules=targets), base) is None, (folder, targets)
+        why = adapter_mismatch(folder, LoraSpec(r=4, target_modules="q_proj,v_proj"), base)
+        assert why is not None and "\n" not in why and "adapts 14 modules" in why and "selects 4" in why, why
+        assert "model.layers.0.mlp.down_proj" in why  # names what only the adapter adapts
 
 
 def test_fresh_adapters_follow_the_run_seed(tiny_models, tmp_path):

@@ -1,8 +1,11 @@
-"""Memory levers of the update: token-budget micro-batches and gradient checkpointing change how the gradient is
-computed, never what it is; checkpointing is on during the update only, so sampling keeps its KV cache."""
+"""Memory levers of the update: micro-batch sizes, token-budget micro-batches and gradient checkpointing change how
+the gradient is computed, never what it is: after a whole step (two PPO epochs of two minibatches, clipping that
+binds, every diagnostic) the weights and every logged metric are the same; checkpointing is on during the update
+only, so sampling keeps its KV cache."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from eopd.components import build_components
@@ -11,14 +14,15 @@ from eopd.microbatch import micro_batches, padded_tokens, row_widths, token_budg
 from eopd.rollout import Rollout
 
 from .conftest import REPO
-from .rehearsal_grads import first_update_grads, uneven_batch
+from .rehearsal_grads import step_on_rollout, uneven_rollout
+from .test_process_count import ATOL, RTOL, STEP, WALL_CLOCK, WEIGHT_TOL
 
 TINY = str(REPO / "configs" / "tiny.yaml")
 
 
 def _overrides(tiny_models, out, *extra: str) -> list[str]:
     return [f"models.teacher={tiny_models['teacher']}", f"models.student={tiny_models['student']}",
-            f"output_dir={out}", "optim.grad_clip=0", *extra]
+            f"output_dir={out}", "num_threads=1", "tensorboard=false", *STEP, "eval.every=0", *extra]
 
 
 def test_token_budget_groups_cut_sorted_rows_at_the_fewest_positions_within_the_budget():
@@ -68,40 +72,62 @@ def test_padding_share_falls_with_a_token_budget_on_long_tailed_lengths():
     assert valid / padded_tokens(r, budget) > 1.5 * valid / padded_tokens(r, fixed)
 
 
-def _grads(tiny_models, out, *extra: str) -> dict:
+def _step(tiny_models, out, *extra: str) -> dict:
+    """A fresh run's first step on its fixed rollout (``step_on_rollout``), with its starting weights."""
     c = build_components(load_config(TINY, _overrides(tiny_models, out, *extra)))
-    return first_update_grads(c)
+    rollout, _ = uneven_rollout(c)
+    start = {n: p.detach().clone() for n, p in c.student.named_parameters()}
+    return {**step_on_rollout(c, rollout), "start": start, "completion_ids": rollout.completion_ids_BT}
 
 
-def _assert_same_grads(a: dict, b: dict) -> None:
+def _assert_same_step(a: dict, b: dict) -> None:
+    """The same rollout, every logged metric to ``RTOL`` and the weights to ``WEIGHT_TOL`` of the step's move."""
     assert torch.equal(a["completion_ids"], b["completion_ids"])  # the very same batch
-    assert a["grads"].keys() == b["grads"].keys() and a["grads"]
-    for name, g in a["grads"].items():
-        torch.testing.assert_close(b["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    ma, mb = ({k: v for k, v in r["metrics"].items() if not k.startswith(WALL_CLOCK)} for r in (a, b))
+    assert set(ma) == set(mb) and "fkl_high_entropy" in ma and "diag/grad_cos" in ma
+    assert ma["diag/clip_coef"] < 1  # clipping binds
+    differ = {k: (ma[k], mb[k]) for k in ma if mb[k] != pytest.approx(ma[k], rel=RTOL, abs=ATOL)}
+    assert not differ, differ
+    wa, wb, start = a["weights"], b["weights"], a["start"]
+    assert wa.keys() == wb.keys() and wa
+    moved = sum(float(((wa[k] - start[k]) ** 2).sum()) for k in wa) ** 0.5
+    apart = sum(float(((wb[k] - wa[k]) ** 2).sum()) for k in wa) ** 0.5
+    assert moved > 0 and apart < WEIGHT_TOL * moved, (apart, moved)
 
 
-def test_token_budget_micro_batches_give_the_fixed_size_gradient(tiny_models, tmp_path):
-    fixed = _grads(tiny_models, tmp_path / "fixed", "optim.micro_batch_size=4")
+@pytest.mark.slow
+def test_micro_batch_size_changes_nothing_after_a_whole_step(tiny_models, tmp_path):
+    """Micro-batches of 4 rows or of 1: the same step (fkl_high_entropy is the gated mean of the step, not a
+    mean of the micro-batches' own means)."""
+    _assert_same_step(_step(tiny_models, tmp_path / "four"), _step(tiny_models, tmp_path / "one",
+                                                                   "optim.micro_batch_size=1"))
+
+
+@pytest.mark.slow
+def test_token_budget_micro_batches_give_the_fixed_size_step(tiny_models, tmp_path):
+    fixed = _step(tiny_models, tmp_path / "fixed")
     c = build_components(load_config(TINY, _overrides(tiny_models, tmp_path / "probe")))
-    batch, _ = uneven_batch(c)
-    p, t = row_widths(batch.rollout)
-    budget = int(batch.num_rows * (p.max() + t.max()) // 3)
-    groups = micro_batches(batch.rollout, torch.arange(batch.num_rows), size=4, max_tokens=budget)
+    rollout, _ = uneven_rollout(c)
+    rows = torch.arange(c.cfg.optim.minibatch_size)
+    p, t = row_widths(rollout.select(rows))
+    budget = int(len(rows) * (p.max() + t.max()) // 3)
+    groups = micro_batches(rollout, rows, size=4, max_tokens=budget)
     assert len({len(g) for g in groups}) > 1  # rows really were regrouped by length
-    packed = _grads(tiny_models, tmp_path / "packed", f"optim.max_tokens_per_micro_batch={budget}")
-    _assert_same_grads(fixed, packed)
+    _assert_same_step(fixed, _step(tiny_models, tmp_path / "packed", f"optim.max_tokens_per_micro_batch={budget}"))
 
 
+@pytest.mark.slow
 def test_token_budget_also_for_the_plain_loss_and_a_one_row_budget(tiny_models, tmp_path):
-    fixed = _grads(tiny_models, tmp_path / "fixed", "loss_impl=plain")
-    packed = _grads(tiny_models, tmp_path / "packed", "loss_impl=plain", "optim.max_tokens_per_micro_batch=1")
-    _assert_same_grads(fixed, packed)
+    fixed = _step(tiny_models, tmp_path / "fixed", "loss_impl=plain")
+    packed = _step(tiny_models, tmp_path / "packed", "loss_impl=plain", "optim.max_tokens_per_micro_batch=1")
+    _assert_same_step(fixed, packed)
 
 
-def test_gradient_checkpointing_gives_the_same_gradient(tiny_models, tmp_path):
-    plain = _grads(tiny_models, tmp_path / "off")
-    ckpt = _grads(tiny_models, tmp_path / "on", "optim.gradient_checkpointing=true")
-    _assert_same_grads(plain, ckpt)
+@pytest.mark.slow
+def test_gradient_checkpointing_gives_the_same_step(tiny_models, tmp_path):
+    plain = _step(tiny_models, tmp_path / "off")
+    ckpt = _step(tiny_models, tmp_path / "on", "optim.gradient_checkpointing=true")
+    _assert_same_step(plain, ckpt)
 
 
 def test_checkpointing_is_on_in_the_update_only_and_sampling_keeps_its_cache(tiny_models, tmp_path):
@@ -128,10 +154,12 @@ def test_checkpointing_is_on_in_the_update_only_and_sampling_keeps_its_cache(tin
     assert not layer.gradient_checkpointing  # off again after the update
 
 
-def test_gradient_checkpointing_with_a_lora_student_gives_the_same_adapter_gradient(tiny_models, tmp_path):
-    __import__("pytest").importorskip("peft")
+@pytest.mark.slow
+def test_gradient_checkpointing_with_a_lora_student_gives_the_same_adapter_step(tiny_models, tmp_path):
+    pytest.importorskip("peft")
     lora = ("models.lora.r=4", "models.lora.alpha=8", "models.lora.dropout=0")
-    plain = _grads(tiny_models, tmp_path / "off", *lora)
-    ckpt = _grads(tiny_models, tmp_path / "on", *lora, "optim.gradient_checkpointing=true")
-    assert all("lora_" in name for name in plain["grads"])  # only the adapters train
-    _assert_same_grads(plain, ckpt)
+    plain = _step(tiny_models, tmp_path / "off", *lora)
+    ckpt = _step(tiny_models, tmp_path / "on", *lora, "optim.gradient_checkpointing=true")
+    trained = [k for k in plain["weights"] if not torch.equal(plain["weights"][k], plain["start"][k])]
+    assert trained and all("lora_" in name for name in trained)  # only the adapters train
+    _assert_same_step(plain, ckpt)

@@ -1,10 +1,12 @@
-"""The paper's recipe as shipped in ``configs/paper/``: every config validates (no model is downloaded), the
-recipe values are the paper's, ``objective=opd`` gives the OPD baseline, the lines the paper does not fix
-are marked ``# ours``, and the non-thinking chat template reaches the prompts."""
+"""The paper's recipe as shipped in ``configs/paper/``: every config validates (no model is downloaded), what
+a run of it does is the paper's recipe (a table written here from the paper, never read back from the
+files), ``objective=opd`` gives the OPD baseline, the lines the paper does not fix are marked ``# ours``, and
+the non-thinking chat template reaches the prompts."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import pytest
 
 from eopd.config import TrainConfig, load_config, to_dict
 from eopd.math_tokenizer import EMPTY_THINK_BLOCK, train_math_bpe
+from eopd.optim import lr_curve
 from eopd.prompting import encode_prompts
 from eopd.tasks import build_task
 from eopd.tasks.benchmarks import PROMPT_SUFFIX
@@ -23,6 +26,32 @@ PAPER = REPO / "configs" / "paper"
 STUDENTS = {"qwen3-0.6b-base.yaml": "Qwen/Qwen3-0.6B-Base", "qwen3-1.7b-base.yaml": "Qwen/Qwen3-1.7B-Base",
             "qwen3-4b-base.yaml": "Qwen/Qwen3-4B-Base"}
 RECIPES = [PAPER / name for name in STUDENTS]
+#: EOPD's recipe as the paper states it (Jin et al., ICML 2026, arXiv 2603.07079, experimental set-up),
+#: written from the paper: the test compares what a run of each recipe file does with this table.
+PAPER_RECIPE: dict[str, Any] = {
+    "teacher": "Qwen/Qwen3-8B",
+    "teacher thinking": False,  # non-thinking mode: the chat template's enable_thinking=False
+    "train problems": ("MATH", "train"),  # the MATH training set
+    "learning rate": 3e-6,
+    "learning-rate schedule": "cosine",  # from the peak down to 0 over the run
+    "prompts per step": 128,
+    "minibatch": 32,  # sequences per optimizer update (prompts: one sample each)
+    "samples per prompt": 1,
+    "max new tokens": 4096,
+    "sampling temperature": 1.0,
+    "sampling top-p": 1.0,
+    "eval benchmarks": {"MATH500", "AMC23", "Minerva", "OlympiadBench", "AIME24", "AIME25"},
+    "eval temperature": 1.0,
+    "eval top-p": 0.8,
+    "eval samples per problem": 8,
+    "tau": 0.8,
+    "alpha": 1.0,
+    "top-k": 16,
+}
+#: Problems in each benchmark (their published sizes), to check that an evaluation reads all of them.
+BENCHMARK_SIZES = {"MATH500": 500, "AMC23": 40, "Minerva": 272, "OlympiadBench": 675, "AIME24": 30, "AIME25": 30}
+#: The Hub dataset that is MATH (Hendrycks et al.'s 7,500 training problems with their solutions).
+MATH_ON_THE_HUB = "hf:DigitalLearningGmbH/MATH-lighteval"
 # the settings the paper leaves open, each marked "# ours" on its line in the recipe files
 OURS = {"output_dir", "seed", "max_steps", "save_every", "models.tokenizer", "models.dtype",
         "optim.micro_batch_size", "optim.ppo_epochs", "optim.grad_clip", "optim.weight_decay", "eval.every",
@@ -37,23 +66,81 @@ def test_every_shipped_config_validates() -> None:
         assert isinstance(cfg, TrainConfig) and cfg.objective_config().name == "eopd"
 
 
+def lr_schedule(cfg: TrainConfig) -> str:
+    """``cosine`` when the run's learning-rate multiplier before update ``u`` of ``U`` is
+    ``(1 + cos(pi u / U)) / 2`` (no warmup, down to 0), else a description of the difference."""
+    total = cfg.max_steps * cfg.optim.ppo_epochs * cfg.rollout.batch_size // cfg.optim.minibatch_size
+    got = lr_curve(total, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
+    cosine = [(1 + math.cos(math.pi * u / total)) / 2 for u in range(total)]
+    worst = max(abs(a - b) for a, b in zip(got, cosine, strict=True))
+    return "cosine" if worst < 1e-9 else f"not cosine to 0 (off by up to {worst:.3g})"
+
+
+def recipe_as_run(cfg: TrainConfig) -> dict[str, Any]:
+    """What a run of ``cfg`` does, in ``PAPER_RECIPE``'s terms."""
+    d, r, e, obj = cfg.data, cfg.rollout, cfg.eval, cfg.objective_config()
+    task = build_task(d)
+    by_name = {b.casefold(): b for b in BENCHMARK_SIZES}  # the registered names are the paper's, lower-cased
+    return {
+        "teacher": cfg.models.teacher,
+        "teacher thinking": d.chat_template_kwargs.get("enable_thinking", True) if d.chat_template else None,
+        "train problems": ("MATH" if task.sources[d.split] == [MATH_ON_THE_HUB] else task.sources[d.split], d.split),
+        "learning rate": cfg.optim.lr,
+        "learning-rate schedule": lr_schedule(cfg),
+        "prompts per step": r.prompts_per_step,
+        "minibatch": cfg.optim.minibatch_size,
+        "samples per prompt": r.n,
+        "max new tokens": r.max_new_tokens,
+        "sampling temperature": r.temperature,
+        "sampling top-p": r.top_p,
+        "eval benchmarks": {by_name.get(source, source) for source in task.sources[e.split]},
+        "eval temperature": e.temperature,
+        "eval top-p": e.top_p,
+        "eval samples per problem": e.n,
+        "tau": obj.tau,
+        "alpha": obj.alpha,
+        "top-k": obj.top_k,
+    }
+
+
+def departures(cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """``PAPER_RECIPE`` entries the run does not follow: name -> (the paper's, the run's)."""
+    run = recipe_as_run(cfg)
+    return {k: (v, run[k]) for k, v in PAPER_RECIPE.items() if run[k] != v}
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_is_the_papers(path: Path) -> None:
     cfg = load_config(path)
-    m, d, r, o, e = cfg.models, cfg.data, cfg.rollout, cfg.optim, cfg.eval
-    assert (m.teacher, m.student) == ("Qwen/Qwen3-8B", STUDENTS[path.name])
-    assert m.build_teacher is None and m.build_student is None  # real models, never built
-    assert (d.task, d.path, d.eval_path) == ("math", "hf:DigitalLearningGmbH/MATH-lighteval", None)
-    assert d.chat_template and d.chat_template_kwargs == {"enable_thinking": False}
-    assert build_task(d).sources["test"] == ["math500", "aime24", "aime25", "amc23", "minerva", "olympiadbench"]
-    assert (r.prompts_per_step, r.n, r.max_new_tokens, r.temperature, r.top_p) == (128, 1, 4096, 1.0, 1.0)
-    assert (o.lr, o.warmup_steps, o.min_lr_ratio, o.minibatch_size) == (3e-6, 0, 0.0, 32)
-    obj = cfg.objective_config()
-    assert (obj.name, obj.rkl, obj.fkl, obj.weighting, obj.schedule, obj.placement) == (
-        "eopd", "ppo", "topk", "additive", "step", "entropy")
-    assert (obj.tau, obj.alpha, obj.top_k, obj.adaptive_share) == (0.8, 1.0, 16, None)
-    assert (e.n, e.temperature, e.top_p, e.max_new_tokens, e.split) == (8, 1.0, 0.8, 4096, "test")
-    assert e.every > 0 and e.problems >= 500 + 30 + 30 + 40 + 272 + 675  # every problem of the six
+    assert departures(cfg) == {}
+    assert cfg.models.student == STUDENTS[path.name]
+    assert cfg.models.build_teacher is None and cfg.models.build_student is None  # real models, never built
+    obj = cfg.objective_config()  # EOPD: the sampled reverse KL of OPD + alpha 1[H_T >= tau] top-k forward KL
+    assert (obj.name, obj.rkl, obj.fkl, obj.weighting, obj.schedule, obj.placement, obj.adaptive_share) == (
+        "eopd", "ppo", "topk", "additive", "step", "entropy", None)
+    assert cfg.eval.every > 0 and cfg.eval.problems >= sum(BENCHMARK_SIZES.values())  # every problem of the six
+
+
+@pytest.mark.parametrize(("override", "entry"), [
+    ("models.teacher=Qwen/Qwen3-4B", "teacher"),
+    ("data.chat_template_kwargs={enable_thinking: true}", "teacher thinking"),
+    ("optim.lr=3e-5", "learning rate"),
+    ("optim.warmup_steps=20", "learning-rate schedule"),
+    ("optim.min_lr_ratio=0.1", "learning-rate schedule"),
+    ("rollout.prompts_per_step=64", "prompts per step"),
+    ("optim.minibatch_size=64", "minibatch"),
+    ("rollout.max_new_tokens=2048", "max new tokens"),
+    ("rollout.temperature=0.7", "sampling temperature"),
+    ("rollout.n=2", "samples per prompt"),
+    ("eval.top_p=1.0", "eval top-p"),
+    ("eval.n=4", "eval samples per problem"),
+    ("data.eval_path=math500", "eval benchmarks"),
+    ("loss.tau=1.0", "tau"),
+    ("loss.top_k=8", "top-k"),
+])
+def test_a_departure_from_the_paper_is_caught(override: str, entry: str) -> None:
+    """The comparison above can fail: one changed setting is reported as that entry, and only it."""
+    assert set(departures(load_config(RECIPES[0], [override]))) == {entry}
 
 
 def test_recipes_differ_only_in_the_student() -> None:

@@ -1,7 +1,9 @@
-"""The sampler: log-probs equal a full forward, EOS masking, reproducibility, top-p, padded vocab rows."""
+"""The sampler: its KV-cache tokens and log-probs equal a no-cache recomputation (plain and LoRA students),
+EOS masking, reproducibility, top-p sampling inside the nucleus with full-vocabulary log-probs, padded rows."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from eopd.models import build_tiny_qwen3
@@ -65,6 +67,46 @@ def test_left_padding_does_not_change_the_log_probs():
     torch.testing.assert_close(lp, padded.logp_old_BT[0, :t], atol=1e-5, rtol=1e-4)
 
 
+def _no_cache_log_probs(model, r, temperature: float) -> torch.Tensor:
+    """Log-probs ``[B, T, V]`` predicting each completion token from one full forward of the sampled sequences
+    with no cache."""
+    with torch.no_grad():
+        logits = model(input_ids=r.sequences_BL, attention_mask=r.attention_mask_BL,
+                       position_ids=position_ids_from_mask(r.attention_mask_BL), use_cache=False).logits
+    return torch.log_softmax(logits[:, r.prompt_len - 1 : -1].float() / temperature, -1)
+
+
+def _nucleus(probs_V: torch.Tensor, top_p: float) -> set[int]:
+    """The smallest set of most likely ids whose mass reaches ``top_p`` (written here, not ``top_p_filter``)."""
+    kept, mass = set(), 0.0
+    for p, i in sorted(zip(probs_V.tolist(), range(len(probs_V)), strict=True), reverse=True):
+        kept.add(i)
+        mass += p
+        if mass >= top_p:
+            break
+    return kept
+
+
+def test_top_p_samples_inside_the_nucleus_and_logp_old_is_the_full_distributions():
+    """With top_p < 1 every sampled token lies in the nucleus of the model's distribution at its position,
+    and ``logp_old`` is that token's log-prob under the whole (untruncated) distribution."""
+    model, top_p, temperature = _model(), 0.6, 0.9
+    r = sample(model, [[3, 4, 5], [6], [7, 8]], n=8, max_new_tokens=8, temperature=temperature, top_p=top_p,
+               eos_token_ids=[1], pad_token_id=0, generator=torch.Generator().manual_seed(2))
+    logp_BTV = _no_cache_log_probs(model, r, temperature)
+    valid = r.completion_mask_BT.bool()
+    outside_mass = []
+    for b, t in valid.nonzero().tolist():
+        token, nucleus = int(r.completion_ids_BT[b, t]), _nucleus(logp_BTV[b, t].exp(), top_p)
+        assert token in nucleus, (b, t, token, nucleus)
+        outside_mass.append(1.0 - float(logp_BTV[b, t].exp()[sorted(nucleus)].sum()))
+    want = logp_BTV.gather(-1, r.completion_ids_BT[..., None]).squeeze(-1)
+    torch.testing.assert_close(r.logp_old_BT[valid], want[valid], atol=1e-5, rtol=1e-5)
+    # not degenerate: the nucleus leaves out ~40% of the mass, so tokens sampled from the whole distribution
+    # would have fallen outside it many times over these positions
+    assert valid.sum() > 50 and sum(outside_mass) / len(outside_mass) > 0.3
+
+
 def test_top_p_keeps_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     kept = torch.isfinite(top_p_filter(logits, 0.8))
@@ -109,11 +151,36 @@ def test_inverse_cdf_sampling_follows_the_distribution_and_skips_zero_mass():
     assert inverse_cdf_sample(probs[:1], torch.zeros(1)).item() == 1  # u = 0 never picks a zero-mass id
 
 
-def test_lora_student_samples_with_its_cache():
-    """A PeftModel forwards **kwargs; the cache keyword is read from the wrapped model's forward."""
-    peft = __import__("pytest").importorskip("peft")
-    from eopd.rollout import _cache_keyword
+def _lora(model):
+    """``model`` with a LoRA adapter whose weights are random (not the identity), so the adapter changes the
+    logits; a PeftModel forwards ``**kwargs``, so the cache keyword must be read from the wrapped forward."""
+    peft = pytest.importorskip("peft")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                          init_lora_weights=False)).eval()
 
-    model = _model()
-    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
-    assert _cache_keyword(wrapped) == _cache_keyword(model) == "cache"
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["plain", "lora"])
+def test_cached_sampling_equals_a_recomputation_without_cache(wrap: bool):
+    """The KV-cache sampler draws exactly what a sampler without cache would: at every position, the inverse-CDF
+    draw of that row's uniform (``sample``'s documented contract: a ``[B, T]`` block drawn first) from the full
+    no-cache forward's distribution is the sampled token, and ``logp_old`` is its log-prob there."""
+    model = _lora(_model()) if wrap else _model()
+    prompts, n, T, temperature, seed = [[3, 4, 5], [6], [7, 8, 9, 10]], 3, 10, 0.8, 11
+    r = sample(model, prompts, n=n, max_new_tokens=T, temperature=temperature, eos_token_ids=[1], pad_token_id=0,
+               generator=torch.Generator().manual_seed(seed))
+    uniform_BT = torch.rand((len(prompts) * n, T), generator=torch.Generator().manual_seed(seed))
+    logp_BTV = _no_cache_log_probs(model, r, temperature)
+    valid = r.completion_mask_BT.bool()
+    for b, t in valid.nonzero().tolist():
+        cdf_V = logp_BTV[b, t].double().exp().cumsum(0)
+        drawn = int((cdf_V > uniform_BT[b, t].double() * cdf_V[-1]).nonzero()[0])  # first id past the uniform
+        assert int(r.completion_ids_BT[b, t]) == drawn, (b, t)
+    want = logp_BTV.gather(-1, r.completion_ids_BT[..., None]).squeeze(-1)
+    torch.testing.assert_close(r.logp_old_BT[valid], want[valid], atol=1e-5, rtol=1e-5)
+    assert valid.sum() > 20 and len({tuple(row) for row in r.completion_ids_BT.tolist()}) > 1
+    if wrap:  # the adapter is in the sampled distribution: the base model's differs
+        with model.disable_adapter():
+            base = _no_cache_log_probs(model, r, temperature)
+        assert float((base - logp_BTV)[valid].abs().max()) > 1e-2

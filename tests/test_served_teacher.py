@@ -6,6 +6,7 @@ read back from its first line), started on the tiny models of ``conftest.tiny_mo
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import select
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from eopd.config import ConfigError, load_config
 from eopd.losses import gate_undecided
 from eopd.models import build_tiny_checkpoint, load_causal_lm, load_tokenizer
 from eopd.rollout import Rollout, sample
-from eopd.served_teacher import ServedTeacher, TeacherMismatchError
+from eopd.served_teacher import API_KEY_ENV, ServedTeacher, TeacherMismatchError
 from eopd.teacher import HFTeacher, TeacherUnavailableError
 from eopd.teacher_protocol import (
     ResponseMismatchError,
@@ -52,10 +54,11 @@ LOSS_KEYS = ("loss", "rkl_estimate", "fkl", "gated_share", "teacher_entropy")
 class Server:
     """``python -m eopd serve-teacher MODEL --port 0 ...`` as a child process; ``wait()`` reads its URL."""
 
-    def __init__(self, model: Path, *args: str, port: int = 0) -> None:
+    def __init__(self, model: Path, *args: str, port: int = 0, env: dict[str, str] | None = None) -> None:
         cmd = [sys.executable, "-m", "eopd", "serve-teacher", str(model), "--port", str(port), "--num-threads", "1",
                *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=env or ENV)
         self.url = ""
 
     def wait(self, timeout_s: float = 90) -> Server:
@@ -360,3 +363,110 @@ def test_served_teacher_config_errors(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(TINY, ["teacher.url=http://127.0.0.1:9/v1", *overrides])
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+# -- (f) the API key and the request limits (issue 24) -------------------------------------------------------------
+
+ENV_KEY, FLAG_KEY = "key-from-the-environment", "key-from-the-flag"
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_models) -> Iterator[Server]:
+    """A server with a key in EOPD_TEACHER_API_KEY and another in --api-key (which wins, as in vLLM), a 1 MiB
+    body cap and a 64-position cap on a request's padded size."""
+    env = {**ENV, API_KEY_ENV: ENV_KEY}
+    server = Server(tiny_models["teacher"], "--api-key", FLAG_KEY, "--max-request-mb", "1", "--max-batch-tokens",
+                    "64", env=env)
+    try:
+        yield server.wait()
+    finally:
+        server.stop()
+
+
+def call(url: str, method: str, path: str, body: bytes | None = None, key: str | None = None,
+         headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """One raw HTTP exchange with the server at ``url`` (its ``/v1`` base); returns (status, decoded JSON)."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=20)
+    try:
+        all_headers = {"Content-Type": "application/json", **(headers or {})}
+        if key is not None:
+            all_headers["Authorization"] = f"Bearer {key}"
+        conn.request(method, path, body=body, headers=all_headers)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_every_endpoint_but_health_wants_the_key(guarded, tiny_models, monkeypatch):
+    completion = json.dumps({"model": str(tiny_models["teacher"]), "prompt": [[3, 4, 5]], "prompt_logprobs": 2,
+                             "max_tokens": 1}).encode()
+    tokenize = json.dumps({"prompt": "1+2=", "add_special_tokens": False}).encode()
+    requests = [("GET", "/v1/models", None), ("POST", "/v1/completions", completion), ("POST", "/tokenize", tokenize)]
+    for method, path, body in requests:
+        for key in (None, "wrong", ENV_KEY, FLAG_KEY[:-1]):  # none, wrong, the env's (the flag wins), a prefix
+            assert call(guarded.url, method, path, body, key) == (401, {"error": "Unauthorized"}), (path, key)
+        status, answer = call(guarded.url, method, path, body, FLAG_KEY)
+        assert status == 200 and "error" not in answer, (path, answer)
+    padded = b" " * 900_000 + completion  # a body still being sent when the 401 goes out: read, not a broken pipe
+    assert call(guarded.url, "POST", "/v1/completions", padded) == (401, {"error": "Unauthorized"})
+    status, _ = call(guarded.url, "GET", "/v1/models", headers={"Authorization": f"Basic {FLAG_KEY}"})
+    assert status == 401  # a bearer token, not another scheme
+    assert call(guarded.url, "GET", "/health") == (200, {})  # open, as vLLM's (a load balancer's health check)
+
+    tok = load_tokenizer(tiny_models["student"])
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    with pytest.raises(TeacherUnavailableError) as err:  # no key: one line, not retried, naming the variable
+        ServedTeacher([guarded.url], vocab_size=len(tok), retries=3, backoff_s=5.0).connect(tok, top_k=2)
+    assert "HTTP 401: Unauthorized" in str(err.value) and f"set {API_KEY_ENV}" in str(err.value)
+    assert "\n" not in str(err.value)
+    monkeypatch.setenv(API_KEY_ENV, "wrong")
+    with pytest.raises(TeacherUnavailableError, match=f"the key in {API_KEY_ENV} is not the one"):
+        ServedTeacher([guarded.url], vocab_size=len(tok), retries=3, backoff_s=5.0).connect(tok, top_k=2)
+    monkeypatch.setenv(API_KEY_ENV, FLAG_KEY)
+    served = ServedTeacher([guarded.url], vocab_size=len(tok), rows_per_request=1).connect(tok, top_k=2)
+    _, rollout, teacher = rollout_of(tiny_models)  # the right key: scores equal to the in-process teacher's
+    m = rollout.completion_mask_BT.bool()
+    local = HFTeacher(teacher, len(tok), 1.0).score(rollout, top_k=2, want_logits=False)
+    assert torch.allclose(served.score(rollout, top_k=2, want_logits=False).logp_BT[m], local.logp_BT[m], atol=2e-5)
+
+
+def test_a_server_beyond_loopback_needs_a_key(tiny_models):
+    env = {k: v for k, v in ENV.items() if k != API_KEY_ENV}
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "eopd", "serve-teacher", str(tiny_models["teacher"]), "--port", "0",
+                           "--host", "0.0.0.0"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "serving" not in done.stdout
+    err = done.stderr.strip()
+    assert err.count("\n") == 0 and "0.0.0.0" in err and API_KEY_ENV in err and "--allow-no-auth" in err, err
+    assert time.monotonic() - start < 60  # refused before the model loads
+
+
+def test_request_limits_are_answered_not_allocated(guarded):
+    key = {"Authorization": f"Bearer {FLAG_KEY}"}
+    # a Content-Length of 10 GB with no body: refused at once (the old server tried to read it all)
+    parts = urllib.parse.urlsplit(guarded.url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=20)
+    try:
+        conn.putrequest("POST", "/v1/completions")
+        for name, value in {**key, "Content-Length": str(10**10), "Content-Type": "application/json"}.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        response = conn.getresponse()
+        assert response.status == 413 and "--max-request-mb" in json.loads(response.read())["error"]["message"]
+    finally:
+        conn.close()
+    big = json.dumps({"prompt": [[3] * 40] * 30000, "prompt_logprobs": 2}).encode()  # ~3.6 MB > 1 MiB
+    assert call(guarded.url, "POST", "/v1/completions", big, FLAG_KEY)[0] == 413
+    status, answer = call(guarded.url, "POST", "/v1/completions", b"1", FLAG_KEY, headers={"Content-Length": "-1"})
+    assert status == 400 and "Content-Length" in answer["error"]["message"]
+    deep = b"[" * 200_000 + b"]" * 200_000  # nested beyond the JSON parser's stack: the client's fault, 400
+    status, answer = call(guarded.url, "POST", "/v1/completions", deep, FLAG_KEY)
+    assert status == 400, answer
+    # 20 prompts of 1 token beside one of 4: 21 x 4 = 84 padded positions > 64
+    padded = json.dumps({"prompt": [[3]] * 20 + [[3, 4, 5, 6]], "prompt_logprobs": 2}).encode()
+    status, answer = call(guarded.url, "POST", "/v1/completions", padded, FLAG_KEY)
+    assert status == 400 and "--max-batch-tokens 64" in answer["error"]["message"], answer
+    fits = json.dumps({"prompt": [[3]] * 12 + [[3, 4, 5, 6]], "prompt_logprobs": 2}).encode()  # 52 positions
+    assert call(guarded.url, "POST", "/v1/completions", fits, FLAG_KEY)[0] == 200

@@ -114,8 +114,11 @@ def check_kill_and_resume(make_cfg, tiny_models, tmp_path, *extra: str) -> tuple
 
 
 @pytest.mark.slow
-def test_kill_and_resume_reproduces_uninterrupted_run(tiny_models, tmp_path):
-    full, cut = check_kill_and_resume(tiny_cfg, tiny_models, tmp_path)
+@pytest.mark.parametrize("settings", [(), ("models.device=auto",)], ids=["tiny-config", "defaults"])
+def test_kill_and_resume_reproduces_uninterrupted_run(tiny_models, tmp_path, settings):
+    # "defaults": every key a checkpoint records in its config at its default spelling (tiny.yaml names the
+    # device; dtype auto, chunk_size None, data.chat_template_kwargs {}, no teacher.url are defaults already)
+    full, cut = check_kill_and_resume(tiny_cfg, tiny_models, tmp_path, *settings)
     sa = AutoModelForCausalLM.from_pretrained(full / "final").state_dict()
     sb = AutoModelForCausalLM.from_pretrained(cut / "final").state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -264,15 +267,24 @@ def test_torchrun_two_processes_follow_the_one_process_schedule(tiny_models, tmp
 
 
 def test_step_prompt_indices_follow_one_seeded_permutation_per_pass():
-    """The cached pass order gives exactly the documented indices: pass e of the data is
-    randperm(num_problems) under seed * 7919 + e, position p reads its (p mod num_problems)-th entry."""
+    """The data order's properties, not its formula: every pass over the data is a permutation of all
+    prompts, reshuffled each pass and by the seed; resuming at any data position continues the same
+    stream; the ranks split each step's prompts into equal disjoint shares whose union is the 1-process step."""
     from eopd.collect import step_prompt_indices
 
-    def reference(n, position, count, seed):
-        return [int(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + pos // n))[pos % n])
-                for pos in range(position, position + count)]
-
-    for position in (0, 5, 9, 23):  # within a pass and across pass boundaries
-        full = reference(10, position, 8, seed=3)
-        assert step_prompt_indices(10, position, 8, 3, rank=0, world=1) == full
-        assert step_prompt_indices(10, position, 8, 3, rank=1, world=2) == full[1::2]
+    n, count = 10, 8
+    stream = step_prompt_indices(n, 0, 4 * n, 3, rank=0, world=1)  # one process, four passes in one call
+    passes = [stream[e * n : (e + 1) * n] for e in range(4)]
+    assert all(sorted(p) == list(range(n)) for p in passes)
+    assert len({tuple(p) for p in passes}) == 4  # each pass its own order
+    firsts = {tuple(step_prompt_indices(n, 0, n, seed, rank=0, world=1)) for seed in range(5)}
+    assert len(firsts) == 5  # each seed its own order
+    for position in range(0, 3 * n + 1):  # steps starting anywhere, within a pass and across its end
+        step = step_prompt_indices(n, position, count, 3, rank=0, world=1)
+        assert step == stream[position : position + count]  # resuming here reads the same continuation
+        for world in (2, 4):
+            shares = [step_prompt_indices(n, position, count, 3, rank=r, world=world) for r in range(world)]
+            assert all(len(s) == count // world for s in shares)
+            assert sorted(i for s in shares for i in s) == sorted(step)  # the union is the 1-process step
+            if position % n + count <= n:  # within one pass the prompts are distinct: the shares are disjoint
+                assert len({i for s in shares for i in s}) == count

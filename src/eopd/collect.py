@@ -17,7 +17,7 @@ import torch
 
 from eopd.losses import AdaptiveTau, ObjectiveConfig, TokenBatch, TokenWeights, prepare_weights
 from eopd.rollout import Rollout, sample
-from eopd.teacher import Teacher, TeacherScores, teacher_token_sums
+from eopd.teacher import Teacher, TeacherScores, TeacherUnavailableError, teacher_token_sums
 
 Tensor = torch.Tensor
 
@@ -125,19 +125,66 @@ def make_token_batch(rollout: Rollout, scores: TeacherScores) -> TokenBatch:
     )
 
 
+def first_failure(
+    message: str | None, *, world: int, reduce_sum: Callable[[Tensor], Tensor],
+    gather: Callable[[list[str | None]], list[str | None]],
+) -> str | None:
+    """The failure of the lowest process that failed (``None`` when none did), agreed by all processes.
+
+    Every process calls it at the same point of the step, failed or not: one all-reduce of a flag (the cost
+    of a step that went well), then, only when some process failed, one gather of the messages. So a
+    failure one process sees (a served teacher's non-retryable 400 answer) stops all of them there, before
+    any other collective of the step could pair up with a different one on another process.
+
+    Args:
+        message: This process's failure, or ``None``.
+        world: Number of processes (1: no collective).
+        reduce_sum: Sum over processes of a ``[1]`` float tensor.
+        gather: Every process's one-element list, concatenated in rank order (``accelerate``'s
+            ``gather_object``).
+    """
+    if world == 1:
+        return message
+    if float(reduce_sum(torch.tensor([float(message is not None)]))[0]) == 0:
+        return None
+    return next(m for m in gather([message]) if m is not None)
+
+
+def score_together(
+    teacher: Teacher, rollout: Rollout, *, top_k: int, want_logits: bool, want_hidden: bool,
+    agree: Callable[[str | None], str | None],
+) -> TeacherScores:
+    """``teacher.score(rollout)``; a ``TeacherUnavailableError`` on any process is raised on every process,
+    with the message of the first that failed (``agree``: ``first_failure`` over the processes)."""
+    try:
+        scores, message = teacher.score(rollout, top_k=top_k, want_logits=want_logits, want_hidden=want_hidden), None
+    except TeacherUnavailableError as err:
+        scores, message = None, str(err)
+    failure = agree(message)
+    if failure is not None:
+        raise TeacherUnavailableError(failure)
+    assert scores is not None
+    return scores
+
+
 def token_weights(
     obj: ObjectiveConfig,
     tokens: TokenBatch,
     *,
     adaptive: AdaptiveTau | None,
     generator: torch.Generator,
-    mean_over_processes: Callable[[float], float] = lambda x: x,
+    gather_over_processes: Callable[[Tensor], Tensor] = lambda x: x,
 ) -> TokenWeights:
-    """The per-token term weights; an adaptive tau is updated on this batch and agreed across processes."""
+    """The per-token term weights. An adaptive tau is updated on the quantile of the whole step's teacher
+    entropies: every process's valid ones, gathered (``gather_over_processes``: ``[n_r]`` -> ``[sum n_r]``
+    in rank order), so it is the tau one process would compute on the same rows (a mean of per-process
+    quantiles would not be) and every process gets the same."""
     tau = None
     if adaptive is not None:
-        tau = mean_over_processes(adaptive.update(tokens.teacher_entropy, tokens.mask))
-        adaptive.tau = tau
+        if tokens.teacher_entropy is None:
+            raise ValueError("an adaptive tau needs the teacher's entropy")
+        entropy_N = gather_over_processes(tokens.teacher_entropy[tokens.mask.bool()].float())
+        tau = adaptive.update(entropy_N, torch.ones_like(entropy_N))
     return prepare_weights(obj, tokens, tau=tau, generator=generator)
 
 
@@ -158,9 +205,10 @@ def collect_batch(
     loss_generator: torch.Generator,
     adaptive: AdaptiveTau | None = None,
     fused: bool = True,
-    mean_over_processes: Callable[[float], float] = lambda x: x,
+    gather_over_processes: Callable[[Tensor], Tensor] = lambda x: x,
     token_roles: Callable[[list[int]], Sequence[str]] | None = None,
     max_batch_size: int | None = None,
+    agree_failure: Callable[[str | None], str | None] = lambda message: message,
 ) -> Batch:
     """Sample ``n`` completions per prompt with the student, score them with the teacher and weigh tokens.
 
@@ -168,6 +216,8 @@ def collect_batch(
     recomputes its logits chunk by chunk) or its ``[B, T, V]`` logits (plain path). With ``token_roles`` (a
     row's valid ids -> a role name per id) every token also gets its role (``token_role_ids``; its time is
     ``seconds["roles"]``). ``max_batch_size`` bounds the rows generated at once (``rollout.sample``).
+    ``agree_failure`` (``first_failure`` over the processes) runs right after the teacher's scoring, before
+    the adaptive tau's gather over processes: a teacher that fails on one process raises on all of them.
     """
     t0 = time.perf_counter()
     was_training = student.training
@@ -180,11 +230,11 @@ def collect_batch(
         student.train(was_training)
     t1 = time.perf_counter()
     exact = obj.needs_teacher_logits
-    scores = teacher.score(rollout, top_k=min(obj.top_k, vocab_size), want_logits=exact and not fused,
-                           want_hidden=exact and fused)
+    scores = score_together(teacher, rollout, top_k=min(obj.top_k, vocab_size), want_logits=exact and not fused,
+                            want_hidden=exact and fused, agree=agree_failure)
     tokens = make_token_batch(rollout, scores)
     weights = token_weights(obj, tokens, adaptive=adaptive, generator=loss_generator,
-                            mean_over_processes=mean_over_processes)
+                            gather_over_processes=gather_over_processes)
     seconds = {"sample": t1 - t0, "teacher": time.perf_counter() - t1}
     role_ids_BT, role_names = None, ()
     if token_roles is not None:

@@ -25,6 +25,7 @@ import torch
 
 from eopd import checkpoint as ckpt
 from eopd.config import ConfigError, ModelsConfig, TrainConfig
+from eopd.head import check_output_head
 from eopd.losses import AdaptiveTau, ObjectiveConfig
 from eopd.models import (
     aligned_vocab_size,
@@ -161,9 +162,13 @@ def pin_requested_gpu(requested: str, num_processes: int) -> torch.device:
     models, the generators and accelerate's own placement all use GPU N.
 
     Raises:
-        ConfigError: ``cuda:N`` with several processes (each process takes the GPU of its local rank).
+        ConfigError: a GPU this machine does not have, or ``cuda:N`` with several processes (each process takes
+            the GPU of its local rank).
     """
     device = resolve_device(requested)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise ConfigError(f"models.device: {requested!r} but this machine has {count} GPU(s) visible; use auto or cpu")
     if device.type == "cuda" and device.index is not None:
         if num_processes > 1:
             raise ConfigError(f"models.device: {requested!r} names one GPU but this run has {num_processes} "
@@ -216,6 +221,7 @@ def build_teacher(cfg: TrainConfig, student: torch.nn.Module, tokenizer: Any,
     weights and nothing else; ``HFTeacher`` moves each rollout to it and the scores back.
     """
     m, t = cfg.models, cfg.teacher
+    check_output_head(student, m.student)  # the student's head (the teacher's: HFTeacher); outside load_newest
     if t.urls:
         from eopd.served_teacher import ServedTeacher
 
@@ -245,23 +251,25 @@ def build_student(cfg: TrainConfig, device: torch.device, checkpoint: Path | Non
 
     With ``models.lora`` the base is always ``models.student`` (frozen, so a checkpoint need not hold it),
     wrapped with fresh adapters (seeded by ``seed``) or the checkpoint's; only the adapters require gradients.
+    A checkpoint's files are read strictly: a tensor missing or of another shape is damage, never re-initialised.
 
     Raises:
         CheckpointMismatchError: the checkpoint holds the other kind of student, or an adapter of other settings.
-        CheckpointError, ModelLoadError: it does not load.
+        DamagedFileError: a file is missing or does not parse, or its tensors disagree with their config.
+        ModelLoadError: it does not load for another reason (out of memory, permissions...).
     """
     m = cfg.models
     folder = None if checkpoint is None else ckpt.student_folder(checkpoint, lora=m.lora is not None)
     if m.lora is None:
         return load_causal_lm(folder or m.student, device=device, dtype=torch.float32,
-                              trust_remote_code=m.trust_remote_code)
+                              trust_remote_code=m.trust_remote_code, strict=folder is not None)
     from eopd import lora
 
-    if folder is not None and (why := lora.adapter_mismatch(folder, m.lora)) is not None:
-        raise ckpt.CheckpointMismatchError(f"{why}; resume with the run's own models.lora settings")
     base = load_causal_lm(m.student, device=device, dtype=torch.float32, trust_remote_code=m.trust_remote_code)
     if folder is None:
         return lora.apply_lora(base, m.lora, seed=cfg.seed)
+    if (why := lora.adapter_mismatch(folder, m.lora, base)) is not None:
+        raise ckpt.CheckpointMismatchError(f"{why}; resume with the run's own models.lora settings")
     return lora.load_adapter(base, folder)
 
 
@@ -295,13 +303,12 @@ def build_components(cfg: TrainConfig) -> Components:
     torch.manual_seed(cfg.seed * 1_000_003 + accelerator.process_index)
     resume_from, state = None, None
     say = (lambda msg: print(msg, flush=True)) if accelerator.is_main_process else (lambda msg: None)
-    if cfg.resume:
-        found = ckpt.load_newest(out, lambda p: (build_student(cfg, device, p), ckpt.load_trainer_state(p)),
-                                 say=say, move_aside=accelerator.is_main_process)
-        accelerator.wait_for_everyone()
-        if found is None:
+    if cfg.resume:  # one choice (process 0's), loaded by every process; any failure stops them all
+        found = ckpt.resume_choice(out, lambda p: (build_student(cfg, device, p), ckpt.load_trainer_state(p)),
+                                   say=say, rank=accelerator.process_index, world=accelerator.num_processes)
+        if found is None and not ckpt.earlier_run(out):
             say(f"resume=true but {out / 'checkpoints'} holds no complete checkpoint: starting fresh")
-        else:
+        elif found is not None:
             resume_from, (student, state) = found[0], found[1]
     if resume_from is None:
         student = build_student(cfg, device)
@@ -347,4 +354,5 @@ def build_components(cfg: TrainConfig) -> Components:
         loop = ckpt.restore_state(state, optimizer=optimizer, scheduler=scheduler,
                                   generators=c.generators, adaptive=adaptive, rank=c.rank, world=c.world)
         c.state = LoopState(**loop)
+        ckpt.check_same_step(c.state.step, c.world)
     return c

@@ -137,6 +137,8 @@ class ModelsConfig:
                  f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         require(self.teacher_dtype in ("auto", "float32", "bfloat16", "float16"), "models.teacher_dtype",
                  f"must be auto, float32, bfloat16 or float16, got {self.teacher_dtype!r}")
+        require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "models.device",
+                 f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.teacher_device) is not None, "models.teacher_device",
                  f"must be auto, cpu, cuda or cuda:N, got {self.teacher_device!r}")
         require(self.build_tokenizer in ("char", "math_bpe"), "models.build_tokenizer",
@@ -380,6 +382,9 @@ class TrainConfig:
     chunk_size: int | None = field(
         default=None, metadata=_help("positions per lm_head chunk (default: a memory budget, ~96 MiB CPU, 1 GiB GPU)"))
     resume: bool = field(default=False, metadata=_help("continue from the last complete checkpoint"))
+    start_over: bool = field(default=False, metadata=_help(
+        "begin at step 1 in an output_dir holding an earlier run (its checkpoints, metrics.jsonl, tb/, final/) by "
+        "moving those to OUTPUT_DIR/earlier_run/ (never deleted); without it such a run stops with one line"))
     save_every: int = field(default=0, metadata=_help("checkpoint every N steps (0: only at the end)"))
     keep_checkpoints: int = field(default=2, metadata=_help("how many step checkpoints to keep"))
     log_every: int = field(default=1, metadata=_help("print a line every N steps"))

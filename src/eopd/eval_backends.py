@@ -90,15 +90,30 @@ class GenerationBackend(Protocol):
     entropy_kind: str
 
     def generate(
-        self, prompts: Sequence[str], n: int, token_roles: TokenRoles | None = None
+        self, prompts: Sequence[str], n: int, token_roles: TokenRoles | None = None,
+        indices: Sequence[int] | None = None,
     ) -> list[list[Generation]]:
         """``n`` completions for each prompt text, in prompt order; with ``token_roles``, each carries its
-        entropy per role."""
+        entropy per role. ``indices``: each prompt's index in the whole evaluation (default its position),
+        for a backend whose samples follow it (``HFBackend``)."""
         ...
+
+
+def sampling_block(batch_size: int, n: int) -> int:
+    """Prompts per sampling call of ``HFBackend`` (``batch_size`` sequences, ``n`` per prompt): the calls
+    cover fixed blocks of this many consecutive prompt indices."""
+    return max(1, batch_size // n)
 
 
 class HFBackend:
     """Sampling with ``eopd.rollout.sample`` (batched, KV cache, explicit generator) on CPU or GPU.
+
+    Why blocks: a prompt's samples must not depend on which other prompts a process evaluates (the trainer
+    spreads its evaluation over processes). So each call samples one fixed block of ``sampling_block``
+    consecutive prompt indices, from a generator of its own seeded by (a seed drawn from ``generator``, the
+    block's number): a prompt's samples are a function of the seed and its index (and the block size), and
+    a process that samples whole blocks (``evaluation.evaluate_across_processes``) draws exactly what one
+    process sampling every block draws, in the very same padded batches.
 
     Args:
         model: A causal LM (put in eval mode while generating, its mode restored afterwards).
@@ -106,8 +121,9 @@ class HFBackend:
         temperature: Sampling temperature.
         top_p: Nucleus mass.
         max_new_tokens: Completion budget.
-        batch_size: Sequences per sampling call (prompts per call = ``max(1, batch_size // n)``).
-        generator: Randomness, on the model's device.
+        batch_size: Sequences per sampling call (prompts per call = ``sampling_block(batch_size, n)``).
+        generator: Randomness, on the model's device: each ``generate`` draws one seed from it, the root of
+            its blocks' generators.
         use_chat_template: Whether prompts go through the tokenizer's chat template.
         chat_template_kwargs: Extra arguments of the chat template (``{"enable_thinking": False}``).
     """
@@ -140,9 +156,9 @@ class HFBackend:
         self.eos_ids = eos_token_ids(tokenizer, model)
 
     def _generate_chunk(
-        self, ids: list[list[int]], n: int, token_roles: TokenRoles | None
+        self, ids: list[list[int]], n: int, token_roles: TokenRoles | None, generator: torch.Generator
     ) -> list[list[Generation]]:
-        """Sample ``n`` completions for each of a few prompts and measure them."""
+        """Sample ``n`` completions for each of a few prompts with ``generator`` and measure them."""
         rollout = sample(
             self.model,
             ids,
@@ -152,7 +168,7 @@ class HFBackend:
             top_p=self.top_p,
             eos_token_ids=self.eos_ids,
             pad_token_id=self.tokenizer.pad_token_id,
-            generator=self.generator,
+            generator=generator,
             vocab_size=len(self.tokenizer),
         )
         texts = decode_completions(self.tokenizer, rollout)
@@ -175,23 +191,40 @@ class HFBackend:
         return [gens[i * n : (i + 1) * n] for i in range(len(ids))]
 
     def generate(
-        self, prompts: Sequence[str], n: int, token_roles: TokenRoles | None = None
+        self, prompts: Sequence[str], n: int, token_roles: TokenRoles | None = None,
+        indices: Sequence[int] | None = None,
     ) -> list[list[Generation]]:
-        """``n`` completions per prompt; prompts are batched longest first (less padding, early OOM)."""
+        """``n`` completions per prompt, sampled block by block (see the class docstring).
+
+        Args:
+            prompts: Prompt texts.
+            n: Completions per prompt.
+            token_roles: A completion's ids -> a role per id (entropy per role), or None.
+            indices: Each prompt's index in the whole evaluation (default: its position here); a block is
+                sampled as one call, its prompts in index order.
+        """
         ids = encode_prompts(self.tokenizer, prompts, chat_template=self.use_chat_template,
                              template_kwargs=self.chat_template_kwargs)
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        per_call = max(1, self.batch_size // n)
+        indices = list(range(len(ids))) if indices is None else list(indices)
+        if len(indices) != len(ids) or len(set(indices)) != len(indices):
+            raise ValueError(f"indices must name each of the {len(ids)} prompts once, got {len(indices)} "
+                             f"({len(set(indices))} distinct)")
+        block = sampling_block(self.batch_size, n)
+        blocks: dict[int, list[int]] = {}  # block number -> positions of its prompts, in index order
+        for pos in sorted(range(len(ids)), key=indices.__getitem__):
+            blocks.setdefault(indices[pos] // block, []).append(pos)
+        device = self.generator.device
+        root = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=device))
         out: list[list[Generation]] = [[] for _ in ids]
         was_training = self.model.training
         self.model.eval()
         try:
-            for start in range(0, len(order), per_call):
-                chunk = order[start : start + per_call]
-                gens_of_chunk = self._generate_chunk([ids[i] for i in chunk], n, token_roles)
+            for done, (number, chunk) in enumerate(sorted(blocks.items()), start=1):
+                generator = torch.Generator(device=device).manual_seed(root + number)
+                gens_of_chunk = self._generate_chunk([ids[i] for i in chunk], n, token_roles, generator)
                 for i, gens in zip(chunk, gens_of_chunk, strict=True):
                     out[i] = gens
-                logger.info("generated %d/%d prompts", min(start + per_call, len(order)), len(order))
+                logger.info("generated %d/%d blocks of prompts", done, len(blocks))
         finally:
             self.model.train(was_training)
         return out
@@ -267,9 +300,11 @@ class VLLMBackend:
         self.llm = self.vllm.LLM(model=str(model_path), dtype=dtype, seed=seed, **llm_kwargs)
 
     def generate(
-        self, prompts: Sequence[str], n: int, token_roles: TokenRoles | None = None
+        self, prompts: Sequence[str], n: int, token_roles: TokenRoles | None = None,
+        indices: Sequence[int] | None = None,
     ) -> list[list[Generation]]:
-        """``n`` completions per prompt (vLLM schedules and batches internally)."""
+        """``n`` completions per prompt (vLLM schedules and batches internally, from its engine seed;
+        ``indices`` are not used)."""
         params = self.vllm.SamplingParams(
             n=n,
             temperature=self.temperature,

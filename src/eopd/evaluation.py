@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from eopd import __version__
-from eopd.eval_backends import Generation, GenerationBackend, RoleEntropy, make_backend
+from eopd.eval_backends import Generation, GenerationBackend, RoleEntropy, make_backend, sampling_block
 from eopd.prompting import resolve_chat_template
 from eopd.tasks.base import Problem
 from eopd.tasks.benchmarks import PAPER_BENCHMARKS
@@ -314,9 +314,13 @@ def grade_problem(problem: Problem, generations: Sequence[Generation], task: Gra
                 role_entropy=g.role_entropy,
             )
         )
-    bench = str(problem.meta.get("benchmark", "all"))
     ref = reference(problem) if path_key is not None and callable(reference) else None
-    return ProblemRecord(problem.id, bench, problem.prompt, problem.answer, completions, ref)
+    return ProblemRecord(problem.id, benchmark_of(problem), problem.prompt, problem.answer, completions, ref)
+
+
+def benchmark_of(problem: Problem) -> str:
+    """The benchmark a problem is aggregated under (``meta["benchmark"]``; ``"all"`` when it names none)."""
+    return str(problem.meta.get("benchmark", "all"))
 
 
 def evaluate_problems(
@@ -335,8 +339,13 @@ def evaluate_problems(
     use_chat_template: bool | str = "auto",
     chat_template_kwargs: Mapping[str, Any] | None = None,
     backend: str | GenerationBackend = "hf",
+    indices: Sequence[int] | None = None,
 ) -> EvalResult:
     """Sample ``n`` completions per problem, grade them, name their paths and aggregate per benchmark.
+
+    With the HF backend a problem's samples are a function of the seed (``generator``) and its index, not of
+    the other problems evaluated beside it (``eval_backends.HFBackend``), so a share of the problems
+    (``evaluate_across_processes``) gets exactly the samples of a run over all of them.
 
     Args:
         model: The causal LM (HF backend), its path / Hub id (vLLM backend), or None with a ready backend.
@@ -349,11 +358,14 @@ def evaluate_problems(
         top_p: Nucleus mass in (0, 1] (paper: 0.8).
         max_new_tokens: Completion budget.
         batch_size: Sequences per sampling call (HF backend).
-        generator: Randomness for the HF backend, on the model's device (default: seeded with ``seed``).
+        generator: Randomness for the HF backend, on the model's device (default: seeded with ``seed``); one
+            seed is drawn from it, the root of every sampling block's generator.
         seed: Seed when no generator is given, and the vLLM engine seed.
         use_chat_template: True, False or ``"auto"`` (when the tokenizer has one).
         chat_template_kwargs: Extra chat-template arguments (``{"enable_thinking": False}``).
         backend: ``"hf"``, ``"vllm"`` or a ready ``GenerationBackend``.
+        indices: Each problem's index in the whole evaluation when these are a share of it (default: their
+            positions).
 
     Returns:
         An ``EvalResult`` whose ``config`` records the protocol.
@@ -387,7 +399,8 @@ def evaluate_problems(
         )
     roles = getattr(task, "token_roles", None)
     token_roles = functools.partial(roles, tokenizer) if callable(roles) else None
-    generations = backend.generate([p.prompt for p in problems], n, token_roles=token_roles)
+    located = {} if indices is None else {"indices": indices}  # backends that take no indices get none
+    generations = backend.generate([p.prompt for p in problems], n, token_roles=token_roles, **located)
     records = [grade_problem(p, g, task) for p, g in zip(problems, generations, strict=True)]
     config = {
         "task": getattr(task, "name", "math"),
@@ -403,6 +416,52 @@ def evaluate_problems(
         "eopd_version": __version__,
     }
     return result_from_records(records, with_paths=names_paths(task), config=config)
+
+
+def evaluate_across_processes(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    problems: Sequence[Problem],
+    task: GradingTask | None = None,
+    *,
+    rank: int,
+    world: int,
+    gather: Callable[[list[Any]], list[Any]],
+    n: int = 8,
+    batch_size: int = 64,
+    **kwargs: Any,
+) -> list[ProblemRecord]:
+    """``evaluate_problems``' graded records of ``problems``, the work shared by ``world`` processes.
+
+    Process ``rank`` samples the HF backend's sampling blocks ``rank, rank + world, ...`` (whole blocks, so
+    every problem is sampled in the very batch, with the very generator, of a one-process evaluation); the
+    records are gathered and put back in problem order: every process returns what one process evaluating
+    all the problems returns, whatever the number of processes.
+
+    Args:
+        model, tokenizer, problems, task, n, batch_size, kwargs: As ``evaluate_problems`` (HF backend).
+        rank: This process's index; world: the number of processes (1: no collective).
+        gather: Every process's list, concatenated in rank order (``accelerate.utils.gather_object``).
+
+    Returns:
+        One ``ProblemRecord`` per problem, in the order of ``problems``.
+    """
+    block = sampling_block(batch_size, n)
+    mine = [i for i in range(len(problems)) if (i // block) % world == rank]
+    records: list[tuple[int, ProblemRecord]] = []
+    if mine:
+        result = evaluate_problems(model, tokenizer, [problems[i] for i in mine], task, n=n, batch_size=batch_size,
+                                   indices=mine, **kwargs)
+        records = list(zip(mine, records_in_order(result, [problems[i] for i in mine]), strict=True))
+    if world > 1:
+        records = gather(records)
+    return [r for _, r in sorted(records, key=lambda x: x[0])]
+
+
+def records_in_order(result: EvalResult, problems: Sequence[Problem]) -> list[ProblemRecord]:
+    """The records of ``result`` (grouped by benchmark) back in the order of the ``problems`` it graded."""
+    queues = {name: iter(b.problems) for name, b in result.benchmarks.items()}
+    return [next(queues[benchmark_of(p)]) for p in problems]
 
 
 def result_from_records(

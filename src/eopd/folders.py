@@ -1,9 +1,10 @@
 """Writing folders atomically: the one writer behind checkpoints, the final student, built models and worlds.
 
 A folder is written under a hidden temporary sibling (``.NAME.tmp-PID``) and renamed into place in one
-step, so a reader never sees a half-written folder. The rename never replaces an existing folder: on Linux
-``rename`` onto a non-empty directory fails, and we check first, so a checkpoint or a trained model is
-never overwritten. An exception or Ctrl-C while writing removes the temporary folder; a SIGKILL leaves it,
+step, so a reader never sees a half-written folder; every file and folder in it is synced to disk first, so
+the rename never publishes data that is still only in memory. The rename never replaces an existing folder:
+on Linux ``rename`` onto a non-empty directory fails, and we check first, so a checkpoint or a trained model
+is never overwritten. An exception or Ctrl-C while writing removes the temporary folder; a SIGKILL leaves it,
 and the next writer in the same parent removes leftovers whose process is gone.
 """
 
@@ -76,7 +77,7 @@ def atomic_folder(final: str | Path, *, keep_existing: bool = False) -> Iterator
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_dir(tmp)
+        _fsync_tree(tmp)
         try:
             os.rename(tmp, final)  # fails when final is a non-empty folder: never replaces one
         except OSError:
@@ -96,6 +97,31 @@ def save_model_folder(path: Path, model: Any, tokenizer: Any) -> None:
     model.save_pretrained(path, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under ``root`` (subfolders included) to disk, then every folder's entries: after the
+    rename the folder is complete on disk, not only in the page cache (a power loss right after a rename of
+    unsynced files can leave them empty or truncated under the final name)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync_file(Path(folder) / name)
+    for folder, _, _ in os.walk(root, topdown=False):
+        _fsync_dir(Path(folder))
+
+
+def _fsync_file(path: Path) -> None:
+    """Flush one file's data to disk (best effort, like ``_fsync_dir``)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -3,13 +3,15 @@
 One home for "run a causal LM over prompt + completion and look at the positions that predict completion
 tokens", shared by the learner (student loss), the teacher and the evaluation. Completion token ``t`` is
 predicted by the model's output at sequence column ``P - 1 + t`` (``P`` = left-padded prompt width).
+The chunked paths compute logits from the final hidden states with the model's own head transform
+(``eopd.head.output_head``: the lm_head and Gemma 2's soft-cap), checked at start by ``eopd.head``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from eopd.losses.divergences import entropy
+from eopd.head import output_head
 from eopd.losses.scoring import score_chunked
 from eopd.rollout import Rollout, position_ids_from_mask
 
@@ -19,7 +21,7 @@ Tensor = torch.Tensor
 def _decoder_body(model: torch.nn.Module) -> torch.nn.Module | None:
     """The decoder stack without the lm_head (``model.model`` of a ``*ForCausalLM``), or None when wrapped."""
     get = getattr(model, "get_decoder", None)
-    if get is None or not logits_are_lm_head_of_hidden(model):
+    if get is None:
         return None
     try:
         body = get()
@@ -54,22 +56,15 @@ def completion_logits(model: torch.nn.Module, rollout: Rollout, vocab_size: int)
     return out.logits[:, P - 1 : -1, :vocab_size]
 
 
-def logits_are_lm_head_of_hidden(model: torch.nn.Module) -> bool:
-    """Whether ``logits == lm_head(final hidden state)`` (false for soft-capped logits, e.g. Gemma 2)."""
-    return not getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-
-
 def _rows_entropy_BT(
     model: torch.nn.Module, rollout: Rollout, temperature: float, vocab_size: int, max_chunk_elements: int
 ) -> Tensor:
     """``completion_entropy_BT`` for one group of rows (unmasked)."""
-    if not logits_are_lm_head_of_hidden(model):
-        return entropy(completion_logits(model, rollout, vocab_size), temperature)
-    lm_head = model.get_output_embeddings()
+    head = output_head(model)
     hidden_BTH = completion_hidden_states(model, rollout)
-    chunk = max(1, max_chunk_elements // min(vocab_size, lm_head.weight.shape[0]))
-    return score_chunked(hidden_BTH, lm_head.weight, temperature=temperature, chunk_size=chunk,
-                         vocab_size=vocab_size, bias=lm_head.bias).entropy
+    chunk = max(1, max_chunk_elements // min(vocab_size, head.weight.shape[0]))
+    return score_chunked(hidden_BTH, head.weight, temperature=temperature, chunk_size=chunk,
+                         vocab_size=vocab_size, bias=head.bias, softcap=head.softcap).entropy
 
 
 @torch.no_grad()

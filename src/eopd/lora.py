@@ -23,6 +23,8 @@ adapter would also change the lm_head.
 
 from __future__ import annotations
 
+import copy
+import json
 import sys
 import warnings
 from collections.abc import Iterator
@@ -31,10 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from eopd.config import ConfigError, LoraSpec
 from eopd.folders import save_model_folder
-from eopd.models import ModelLoadError, load_causal_lm
+from eopd.models import DamagedFileError, ModelLoadError, damaged_weight_file, load_causal_lm
 
 #: The adapter's folder, in a checkpoint and in ``OUTPUT_DIR/final``.
 ADAPTER_DIR = "adapter"
@@ -128,42 +131,97 @@ def save_adapter_folder(path: Path, model: Any, tokenizer: Any) -> None:
         tokenizer.save_pretrained(path)
 
 
-def adapter_mismatch(folder: Path, spec: LoraSpec) -> str | None:
-    """Why the adapter saved in ``folder`` is not the one ``spec`` describes (rank, alpha, dropout, targets),
-    or None when it is.
+def adapter_mismatch(folder: Path, spec: LoraSpec, base: torch.nn.Module) -> str | None:
+    """Why the adapter saved in ``folder`` is not the one ``spec`` describes on ``base`` (rank, alpha, dropout
+    or the modules it adapts), or None when it is.
+
+    The targets are compared by the modules they select on ``base``, never by how they are spelled: peft saves
+    ``all-linear`` expanded into module names, which select what the string selects.
 
     Raises:
-        ModelLoadError: ``adapter_config.json`` is missing or unreadable.
+        DamagedFileError: ``adapter_config.json`` is missing or does not parse.
+    """
+    saved = read_adapter_config(folder)
+    wanted = peft_config(spec)
+    for key in ("r", "lora_alpha", "lora_dropout"):
+        have, want = getattr(saved, key), getattr(wanted, key)
+        if have != want:
+            return f"the adapter in {str(folder)!r} has {key}={have!r} but models.lora asks for {want!r}"
+    have, want = selected_modules(base, saved), selected_modules(base, wanted)
+    if have != want:
+        return (f"the adapter in {str(folder)!r} adapts {len(have)} modules but models.lora.target_modules="
+                f"{spec.target_modules!r} selects {len(want)} (only the adapter's: {_few(have - want)}; only the "
+                f"settings': {_few(want - have)})")
+    return None
+
+
+def read_adapter_config(folder: Path) -> Any:
+    """The ``peft.LoraConfig`` saved in ``folder``.
+
+    Raises:
+        DamagedFileError: ``adapter_config.json`` is missing or is not JSON.
+        ModelLoadError: peft cannot read it otherwise (e.g. written by another peft version).
     """
     peft = _peft()
     config_file = folder / "adapter_config.json"
     if not config_file.is_file():
-        raise ModelLoadError(f"{str(config_file)!r} is missing")
+        raise DamagedFileError(config_file, f"{str(config_file)!r} is missing")
     try:
-        saved = peft.LoraConfig.from_pretrained(str(folder))
-    except Exception as err:  # a damaged JSON file: any parsing error means the same to the user
+        json.loads(config_file.read_bytes())
+    except ValueError as err:
+        raise DamagedFileError(config_file, f"{str(config_file)!r} is damaged (not valid JSON: {err})") from None
+    try:
+        return peft.LoraConfig.from_pretrained(str(folder))
+    except Exception as err:  # peft reports a config it cannot use in several exception types
         raise ModelLoadError(f"{str(config_file)!r} cannot be read ({str(err).splitlines()[0]})") from err
-    wanted = peft_config(spec)
-    for key in ("r", "lora_alpha", "lora_dropout", "target_modules"):
-        have, want = getattr(saved, key), getattr(wanted, key)
-        as_set = lambda v: set(v) if isinstance(v, list | set) else v  # noqa: E731
-        if as_set(have) != as_set(want):
-            return f"the adapter in {str(folder)!r} has {key}={have!r} but models.lora asks for {want!r}"
-    return None
+
+
+def selected_modules(model: torch.nn.Module, config: Any) -> set[str]:
+    """Names of the modules of ``model`` that a ``peft.LoraConfig`` adapts, decided as peft decides it when it
+    wraps: ``all-linear`` expanded by peft's own rule (every linear layer but the output layer), then peft's
+    name matching (suffixes, exclusions)."""
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+
+    config = _maybe_include_all_linear_layers(copy.copy(config), model)
+    return {name for name, _ in model.named_modules() if name and bool(check_target_module_exists(config, name))}
+
+
+def _few(names: set[str], shown: int = 3) -> str:
+    """``a, b, c and 4 more`` (``none`` when empty)."""
+    if not names:
+        return "none"
+    first = sorted(names)[:shown]
+    return ", ".join(first) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def load_adapter(base: torch.nn.Module, folder: Path) -> Any:
     """``base`` with the trainable adapter saved in ``folder`` (a checkpoint's).
 
     Raises:
-        ModelLoadError: the adapter does not load (missing or damaged files).
+        DamagedFileError: the adapter's weights are missing or do not parse, or a tensor is missing or of
+            another shape than ``adapter_config.json`` asks for.
+        ModelLoadError: it does not load for another reason (out of memory, permissions...).
     """
     peft = _peft()
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise DamagedFileError(weights, f"{str(weights)!r} is missing")
     try:
         with _quiet():
             model = peft.PeftModel.from_pretrained(base, str(folder), is_trainable=True)
     except Exception as err:  # a truncated or corrupt safetensors file surfaces as several exception types
+        damaged = damaged_weight_file(folder)
+        if damaged is not None:
+            raise DamagedFileError(damaged[0], f"adapter {str(folder)!r}: {damaged[1]}") from err
+        shape = next((ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln), None)
+        if shape is not None:  # torch's load_state_dict: the file's tensor disagrees with adapter_config.json
+            raise DamagedFileError(weights, f"adapter {str(folder)!r}: {shape}") from err
         raise ModelLoadError(f"adapter {str(folder)!r} cannot be loaded ({str(err).splitlines()[0]})") from err
+    with safe_open(str(weights), framework="pt") as f:
+        stored = {name.replace(".default", "") for name in f.keys()}  # noqa: SIM118 (a handle, not a dict)
+    missing = {name.replace(".default", "") for name in peft.get_peft_model_state_dict(model)} - stored
+    if missing:  # peft warns and keeps the fresh init of a missing tensor: the adapter would silently restart
+        raise DamagedFileError(weights, f"adapter {str(folder)!r}: {weights.name} lacks {_few(missing)}")
     check_embeddings_not_adapted(model)
     return model
 

@@ -7,6 +7,7 @@ exercised exactly like a Hub checkpoint on a GPU.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,21 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
 
 class ModelLoadError(UserError, ValueError):
     """A model or tokenizer could not be loaded; the message says what to fix."""
+
+
+class DamagedFileError(ModelLoadError):
+    """Proven damage: a file that is missing or does not parse (a safetensors header, a JSON config, a pickle),
+    or tensors that disagree with their config (one missing, another shape). ``path`` is the damaged file or
+    folder.
+
+    Only this sets a checkpoint aside (``checkpoint.load_newest``, and only when ``path`` lies inside that
+    checkpoint): anything else that stops a load (out of memory, a permission error, a Hub that cannot be
+    reached) says nothing against the files, so the run stops and nothing is moved.
+    """
+
+    def __init__(self, path: str | Path, message: str) -> None:
+        super().__init__(message)
+        self.path = Path(path)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -92,11 +108,19 @@ def load_causal_lm(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | str = torch.float32,
     trust_remote_code: bool = False,
+    strict: bool = False,
 ) -> PreTrainedModel:
     """Load a causal LM from a local folder or Hub id with safetensors weights.
 
+    Args:
+        strict: The folder is one this project wrote (a checkpoint's ``model/``): a tensor missing from its
+            weights or of another shape than its ``config.json`` says is damage, where a plain load would
+            initialise it at random.
+
     Raises:
-        ModelLoadError: the folder is missing, has no config or no safetensors weights.
+        DamagedFileError: a local folder's file is missing or does not parse (``config.json``, the weights
+            index, a safetensors header) or, with ``strict``, a tensor is missing or of another shape.
+        ModelLoadError: anything else (a missing folder, out of memory, a permission error, the Hub).
     """
     device = torch.device(device) if isinstance(device, str) else device
     if isinstance(dtype, str):
@@ -108,32 +132,72 @@ def load_causal_lm(
             raise ModelLoadError(f"model path {str(name_or_path)!r} does not exist; point it at a folder "
                                  "written by save_pretrained or at a Hub id")
         if not (path / "config.json").exists():
-            raise ModelLoadError(f"model folder {str(path)!r} has no config.json; is it a save_pretrained folder?")
+            raise DamagedFileError(path / "config.json", f"model folder {str(path)!r} has no config.json; is it a "
+                                   "save_pretrained folder?")
         if not any(path.glob("*.safetensors")) and not (path / "model.safetensors.index.json").exists():
-            raise ModelLoadError(f"model folder {str(path)!r} has no *.safetensors weights (only safetensors "
-                                 "are loaded; convert with model.save_pretrained(..., safe_serialization=True))")
+            raise DamagedFileError(path, f"model folder {str(path)!r} has no *.safetensors weights (only "
+                                   "safetensors are loaded; convert with model.save_pretrained(..., "
+                                   "safe_serialization=True))")
+    checks = {"output_loading_info": True, "ignore_mismatched_sizes": True} if strict else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        loaded = AutoModelForCausalLM.from_pretrained(
+            str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **checks
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         damaged = damaged_weight_file(path) if looks_local else None
         if damaged is not None:
-            raise ModelLoadError(f"model folder {str(path)!r}: {damaged}") from err
+            raise DamagedFileError(damaged[0], f"model folder {str(path)!r}: {damaged[1]}") from err
         raise ModelLoadError(f"could not load model {str(name_or_path)!r}: {str(err).splitlines()[0]}") from err
+    model, info = loaded if strict else (loaded, {})
+    if info.get("missing_keys") or info.get("mismatched_keys"):
+        raise DamagedFileError(path, f"model folder {str(path)!r}: the weights do not match config.json "
+                               f"({_weights_disagreement(info)})")
     return model.to(device)
 
 
-def damaged_weight_file(folder: Path) -> str | None:
-    """``"model.safetensors is damaged (...)"`` for the first weight file whose header cannot be read, else None."""
+def _weights_disagreement(info: dict[str, Any]) -> str:
+    """The first missing or mis-shaped tensor of transformers' loading info, in words."""
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        return f"{missing[0]} is missing" + (f", and {len(missing) - 1} more" if len(missing) > 1 else "")
+    name, saved, expected = sorted(info["mismatched_keys"])[0]
+    return f"{name} has shape {list(saved)} but the config asks for {list(expected)}"
+
+
+def damaged_weight_file(folder: Path) -> tuple[Path, str] | None:
+    """The first file of a model or adapter folder that is proven damaged, and why; None when every file parses.
+
+    Checked: ``config.json`` and the weights index parse as JSON, each ``*.safetensors`` header parses and
+    covers the file. A file that cannot be opened at all (permissions) proves nothing and is passed over.
+    """
+    for name in ("config.json", "model.safetensors.index.json", "adapter_config.json"):
+        file = folder / name
+        try:
+            text = file.read_bytes()
+        except OSError:  # absent (not every folder has each) or unreadable: no evidence either way
+            continue
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            return file, f"{name} is damaged (not valid JSON: {err})"
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        shards = {v for v in weight_map.values() if isinstance(v, str)} if isinstance(weight_map, dict) else set()
+        for shard in sorted(shards):
+            if not (folder / shard).exists():
+                return folder / shard, f"{shard} is missing (listed in {name})"
     for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with file.open("rb"):
+                pass
+        except OSError:
+            continue
         try:
             with safe_open(str(file), framework="pt") as f:
                 names = f.keys()  # a safe_open handle is not iterable
                 for name in names:
                     f.get_slice(name)
         except (SafetensorError, OSError) as err:
-            return f"{file.name} is damaged ({str(err).splitlines()[0]})"
+            return file, f"{file.name} is damaged ({str(err).splitlines()[0]})"
     return None
 
 

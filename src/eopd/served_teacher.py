@@ -7,21 +7,24 @@ turns the answers into ``TeacherScores``: the sampled token's log-prob and the t
 position, plus the exact entropy when the server sends our extension (``prompt_entropies``), otherwise the
 documented top-k estimate (``teacher.topk_only_scores``). The JSON itself lives in ``teacher_protocol``.
 
-Faults: each request has a deadline and is retried with exponential backoff on another server; a response
-that does not match its request is rejected and retried like a failure. Scores are returned only when every
-request of the call succeeded (nothing is ever trained on partial scores); otherwise ``TeacherUnavailableError``
-(one line), which the trainer turns into a checkpoint of the last complete step. At start, ``connect`` checks
-each server: its model, that it tokenizes a probe text exactly as the local tokenizer does, and one scoring
-request (which also tells whether it sends exact entropies).
+Faults: each request has a deadline over the whole exchange (connect, send, headers, body) and is retried
+with exponential backoff on another server; a response that does not match its request is rejected and
+retried like a failure; a 401 (a missing or wrong ``EOPD_TEACHER_API_KEY``) is not retried. Scores are
+returned only when every request of the call succeeded (nothing is ever trained on partial scores); otherwise
+``TeacherUnavailableError`` (one line), which the trainer turns into a checkpoint of the last complete step.
+At start, ``connect`` checks each server: its model, that it tokenizes a probe text exactly as the local
+tokenizer does, and one scoring request (which also tells whether it sends exact entropies).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import http.client
+import io
 import json
 import math
 import os
+import socket
 import threading
 import time
 import urllib.parse
@@ -53,6 +56,11 @@ T = TypeVar("T")
 API_KEY_ENV = "EOPD_TEACHER_API_KEY"
 #: HTTP statuses worth retrying (the server is busy or restarting); other 4xx are our request's fault.
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+#: Statuses that say the API key is missing or wrong (``vllm serve --api-key``, ``eopd serve-teacher --api-key``).
+AUTH_STATUS = frozenset({401, 403})
+#: The largest answer read (a guard against a server that sends without end): a 32k-token sequence with
+#: top-20 log-probs is ~50 MB of JSON, so a micro-batch of 8 is ~0.4 GB.
+MAX_RESPONSE_BYTES = 4 << 30
 #: The fixed part of the tokenizer probe (the rest is decoded from ids spread over the vocabulary).
 PROBE_PREFIX = "The teacher and the student share one tokenizer: 12+34=46; x_{n+1} = 2^n. "
 
@@ -73,43 +81,150 @@ class HTTPStatusError(Exception):
 def request_json(url: str, payload: dict[str, Any] | None, timeout_s: float) -> Any:
     """GET (``payload`` None) or POST JSON to ``url`` and decode the JSON answer, all within ``timeout_s``.
 
-    Plain ``http.client`` (no proxy from the environment: a teacher is on the cluster's own network).
+    Plain ``http.client`` (no proxy from the environment: a teacher is on the cluster's own network). The
+    deadline covers the whole exchange: connecting, sending, the status line and headers and the body; every
+    read and write may only use the time left (``DeadlineSocket``), so a server that trickles its answer a
+    byte at a time fails at the deadline, not at the first read that waits longer than ``timeout_s``.
 
     Raises:
-        OSError / http.client.HTTPException / TimeoutError: the server cannot be reached or hangs.
+        OSError / http.client.HTTPException / TimeoutError: the server cannot be reached, hangs, or does not
+            finish its answer within ``timeout_s``.
         HTTPStatusError: a non-200 status.
-        ResponseMismatchError: the body is not JSON.
+        ResponseMismatchError: the body is not JSON, or larger than ``MAX_RESPONSE_BYTES``.
     """
     parts = urllib.parse.urlsplit(url)
     deadline = time.monotonic() + timeout_s
     conn_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     conn = conn_type(parts.hostname or "", parts.port, timeout=timeout_s)
-    headers = {"Content-Type": "application/json", "Accept": "application/json"}
-    if os.environ.get(API_KEY_ENV):
-        headers["Authorization"] = f"Bearer {os.environ[API_KEY_ENV]}"
+    headers = {"Content-Type": "application/json", "Accept": "application/json", **auth_header()}
     try:
+        conn.connect()
+        conn.sock = DeadlineSocket(conn.sock, deadline, timeout_s)
         body = None if payload is None else json.dumps(payload).encode()
         path = parts.path + (f"?{parts.query}" if parts.query else "")
         conn.request("GET" if payload is None else "POST", path, body=body, headers=headers)
         response = conn.getresponse()
-        raw = _read_before(response, deadline)
+        try:
+            raw = _read_body(response)
+        finally:
+            response.close()
     finally:
         conn.close()
     if response.status != 200:
         raise HTTPStatusError(response.status, error_message(raw))
     try:
         return json.loads(raw)
-    except ValueError as err:
-        raise ResponseMismatchError(f"the answer is not JSON ({err})") from None
+    except (ValueError, RecursionError) as err:  # RecursionError: nesting deeper than the parser's stack
+        raise ResponseMismatchError(f"the answer is not JSON ({type(err).__name__}: {str(err)[:100]})") from None
 
 
-def _read_before(response: http.client.HTTPResponse, deadline: float) -> bytes:
-    """The whole body, in 1 MiB reads, failing once ``deadline`` passes (a server that trickles bytes)."""
-    chunks = []
-    while chunk := response.read(1 << 20):
+def api_key() -> str | None:
+    """``EOPD_TEACHER_API_KEY`` without surrounding whitespace (a key read from a file keeps its newline), or None.
+
+    Raises:
+        TeacherMismatchError: the key holds a character an HTTP header cannot carry.
+    """
+    key = os.environ.get(API_KEY_ENV, "").strip()
+    if key and not (key.isascii() and key.isprintable()):
+        raise TeacherMismatchError(f"{API_KEY_ENV} holds a character an HTTP header cannot carry (a line break, a "
+                                   "control or non-ASCII character); set it to the key alone")
+    return key or None
+
+
+def auth_header() -> dict[str, str]:
+    """``{"Authorization": "Bearer KEY"}`` when ``EOPD_TEACHER_API_KEY`` is set (``vllm serve --api-key``)."""
+    key = api_key()
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+class DeadlineSocket:
+    """A connected socket whose every send and receive may only use the time left before ``deadline``.
+
+    ``http.client`` reads the status line, the headers and the body through ``makefile("rb")`` and writes with
+    ``sendall``; both are bounded here, so no phase of the exchange can outlast the deadline (a plain socket
+    timeout bounds each read alone). Works for plain and TLS sockets alike (it wraps the connected socket).
+    Like ``socket.makefile``, a reader keeps the socket open until it is closed too: on ``Connection: close``
+    ``http.client`` closes the connection as soon as the headers are read and the response reads on.
+    """
+
+    def __init__(self, sock: socket.socket, deadline: float, timeout_s: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.timeout_s = timeout_s
+        self.readers = 0
+        self.close_asked = False
+
+    def arm(self) -> None:
+        """Give the socket the time left, or fail now when none is left."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(self.expired())
+        self.sock.settimeout(left)
+
+    def expired(self) -> str:
+        return f"no complete answer within teacher.timeout_s ({self.timeout_s:g} s)"
+
+    def sendall(self, data: bytes) -> None:
+        """``socket.sendall`` (its timeout bounds the whole send) within the time left."""
+        self.arm()
+        try:
+            self.sock.sendall(data)
+        except TimeoutError:
+            raise TimeoutError(self.expired()) from None
+
+    def recv_into(self, buffer: Any) -> int:
+        """One read of at most ``len(buffer)`` bytes within the time left."""
+        self.arm()
+        try:
+            return self.sock.recv_into(buffer)
+        except TimeoutError:
+            raise TimeoutError(self.expired()) from None
+
+    def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
+        """What ``http.client.HTTPResponse`` reads: a buffered reader whose every raw read is bounded."""
+        self.readers += 1
+        return io.BufferedReader(_DeadlineReader(self))
+
+    def close(self) -> None:
+        """Close the socket once no reader is open (see the class docstring)."""
+        self.close_asked = True
+        if self.readers == 0:
+            self.sock.close()
+
+    def reader_closed(self) -> None:
+        self.readers -= 1
+        if self.close_asked and self.readers == 0:
+            self.sock.close()
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The raw stream under ``DeadlineSocket.makefile``."""
+
+    def __init__(self, owner: DeadlineSocket) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return self.owner.recv_into(buffer)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.owner.reader_closed()
+        super().close()
+
+
+def _read_body(response: http.client.HTTPResponse) -> bytes:
+    """The whole body in pieces of at most 1 MiB (``read1``: never one allocation of a Content-Length the
+    server made up), refused past ``MAX_RESPONSE_BYTES``; the deadline is the socket's (``DeadlineSocket``)."""
+    chunks, size = [], 0
+    while chunk := response.read1(1 << 20):
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise ResponseMismatchError(f"the answer is larger than {MAX_RESPONSE_BYTES >> 30} GiB")
         chunks.append(chunk)
-        if time.monotonic() > deadline:
-            raise TimeoutError("the answer took longer than teacher.timeout_s")
     return b"".join(chunks)
 
 
@@ -302,6 +417,9 @@ class ServedTeacher:
             try:
                 return call(url)
             except HTTPStatusError as err:
+                if err.status in AUTH_STATUS:
+                    raise TeacherUnavailableError(f"teacher server {url} refused {what}: {err}; {_key_advice()}") \
+                        from None
                 if not err.retryable:
                     raise TeacherUnavailableError(f"teacher server {url} refused {what}: {err}") from None
                 last = f"{url}: {err}"
@@ -341,10 +459,17 @@ def _to(scores: TeacherScores, rollout: Rollout) -> TeacherScores:
                                           if getattr(scores, f) is not None})
 
 
+def _key_advice() -> str:
+    """What to do about a 401: the key is missing, or it is not the server's."""
+    if api_key():
+        return f"the key in {API_KEY_ENV} is not the one the server was started with (its --api-key)"
+    return f"the server wants an API key: set {API_KEY_ENV} to the key it was started with (its --api-key)"
+
+
 def _reason(err: BaseException) -> str:
     """A short cause: ``connection refused``, ``timed out``, ..."""
     if isinstance(err, ConnectionRefusedError):
         return "connection refused"
     if isinstance(err, TimeoutError):
-        return f"timed out ({err})" if str(err) else "timed out"
+        return f"timed out ({err})" if str(err) not in ("", "timed out") else "timed out"
     return str(err) or type(err).__name__

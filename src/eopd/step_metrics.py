@@ -5,7 +5,12 @@ Three kinds of key, merged over micro-batches and processes by one rule each:
 - plain keys are means over valid tokens: summed as ``value * tokens``, divided by the step's token count;
 - ``*_min`` / ``*_max`` keys are extremes: merged by min / max;
 - ``raw/*`` keys are sums (of squares, dot products, counts) turned into metrics only after the sum over
-  processes, by ``finish_raw_sums`` (the logit-gradient diagnostics and the per-role means).
+  processes, by ``finish_raw_sums`` (the logit-gradient diagnostics, the per-role means and every mean whose
+  denominator is not the valid tokens, e.g. ``fkl_high_entropy`` over the gated tokens). A plain key ``k``
+  that comes with raw sums ``raw/k/*`` beside it is that call's own value (what a single ``objective`` call
+  reports): the step drops it and finishes ``k`` from the sums, never a mean of per-call means.
+
+So every step metric is a function of the step's tokens alone, whatever the micro-batches and processes.
 
 Processes may hold different keys (a role one process never saw, ratio metrics of an empty micro-batch):
 ``reduce_step`` agrees on the union of keys first, so the positional all-reduce never misaligns.
@@ -18,13 +23,18 @@ from collections.abc import Callable
 
 import torch
 
+from eopd.losses.objectives import RAW  # summed over micro-batches and processes as they are, then finished
+
 Tensor = torch.Tensor
 
 
 def merge_metrics(sums: dict[str, float], metrics: dict[str, float], num_valid: int) -> None:
     """Add one micro-batch's metrics: means weighted by its valid tokens, ``_min``/``_max`` keys as extremes,
-    ``RAW`` keys as they are."""
+    ``RAW`` keys as they are; a key with raw sums of its own (``raw/<key>/...``) is left to them."""
+    finished = {k.removeprefix(RAW).rsplit("/", 1)[0] for k in metrics if k.startswith(RAW)}
     for k, v in metrics.items():
+        if k in finished:
+            continue
         if k.startswith(RAW):
             sums[k] = sums.get(k, 0.0) + v
         elif k.endswith("_min"):
@@ -35,8 +45,6 @@ def merge_metrics(sums: dict[str, float], metrics: dict[str, float], num_valid: 
             sums[k] = sums.get(k, 0.0) + v * num_valid
 
 
-#: Prefix of the raw sums: summed over micro-batches and processes as they are, then ``finish_raw_sums``.
-RAW = "raw/"
 #: The per-token parts each role reports (token-weighted over the role's tokens), beside the teacher's.
 ROLE_PARTS = ("loss", "rkl", "fkl", "student_entropy")
 
@@ -47,12 +55,16 @@ def pop_raw_sums(sums: dict[str, float]) -> dict[str, float]:
 
 
 def finish_raw_sums(raw: dict[str, float]) -> dict[str, float]:
-    """The ``diag/*`` and ``role/*`` metrics from raw sums already summed over micro-batches and processes.
+    """``fkl_high_entropy`` and the ``diag/*`` and ``role/*`` metrics from raw sums already summed over
+    micro-batches and processes.
 
     The one place where "sum, then transform" metrics are defined (docs/metrics.md, "Diagnostics").
     """
     v = {k.removeprefix(RAW): x for k, x in raw.items()}
     out: dict[str, float] = {}
+    if "fkl_high_entropy/gated" in v:
+        gated = v["fkl_high_entropy/gated"]
+        out["fkl_high_entropy"] = v["fkl_high_entropy/sum"] / gated if gated > 0 else 0.0
     if "diag/updates" in v:
         out["diag/clip_coef"] = v["diag/clip_coef"] / max(v["diag/updates"], 1.0)
     if "diag/grad_rkl_sq" in v:

@@ -20,6 +20,7 @@ import torch
 
 from eopd.errors import UserError
 from eopd.forward import completion_hidden_states, completion_logits
+from eopd.head import OutputHead, check_output_head, output_head
 from eopd.losses.scoring import score_chunked, score_from_logits
 from eopd.losses.topk_entropy import gate_undecided, topk_entropy_bounds, topk_entropy_estimate
 from eopd.microbatch import micro_batches
@@ -45,8 +46,9 @@ class TeacherScores:
         topk_logprobs_BTK: Their log-probs.
         logits_BTV: Full teacher logits (exact baselines on the plain path).
         hidden_BTH: Teacher final hidden states (exact baselines on the fused path), in the model's dtype.
-        head: The teacher's lm_head ``(weight [V_rows, H], bias [V_rows] or None)`` that goes with
-            ``hidden_BTH`` (references to the model's parameters, not copies).
+        head: The teacher's lm_head ``OutputHead(weight [V_rows, H], bias [V_rows] or None, softcap)`` that
+            goes with ``hidden_BTH`` (references to the model's parameters, not copies; its soft-cap too, so
+            the loss recomputes the teacher's own logits).
         entropy_lower_BT: When ``entropy_BT`` is a top-k estimate: the smallest entropy any distribution
             with this top-k can have (None when ``entropy_BT`` is exact).
         entropy_upper_BT: The largest (None when exact).
@@ -60,7 +62,7 @@ class TeacherScores:
     topk_logprobs_BTK: Tensor | None = None
     logits_BTV: Tensor | None = None
     hidden_BTH: Tensor | None = None
-    head: tuple[Tensor, Tensor | None] | None = None
+    head: OutputHead | None = None
     entropy_lower_BT: Tensor | None = None
     entropy_upper_BT: Tensor | None = None
     tokens_per_s: float | None = None
@@ -156,6 +158,10 @@ def _moved(obj: Any, device: torch.device) -> Any:
 class HFTeacher:
     """A Hugging Face causal LM as teacher.
 
+    Its logits are computed from its final hidden states with its own head transform (``eopd.head``), checked
+    against its own forward when the teacher is built (``check_output_head``): a model whose logits eopd cannot
+    reproduce stops there with one line, in-process (``eopd train``) and served (``eopd serve-teacher``) alike.
+
     The model may live on another device than the student (``models.teacher_device``): each rollout is
     moved to it and the scores come back on the rollout's device.
 
@@ -178,6 +184,7 @@ class HFTeacher:
                  max_tokens_per_micro_batch: int | None = None) -> None:
         if entropy not in ENTROPY_MODES:
             raise ValueError(f"entropy must be one of {ENTROPY_MODES}, got {entropy!r}")
+        check_output_head(model)
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.vocab_size = vocab_size
@@ -214,8 +221,8 @@ class HFTeacher:
             scores = scores.select(torch.argsort(order).to(self.device))  # back to the rollout's row order
         if home == self.device:
             return scores
-        head = None if scores.head is None else (scores.head[0].to(home), None if scores.head[1] is None
-                                                 else scores.head[1].to(home))
+        head = None if scores.head is None else scores.head._replace(
+            weight=scores.head.weight.to(home), bias=None if scores.head.bias is None else scores.head.bias.to(home))
         return dataclasses.replace(_moved(scores, home), head=head)
 
     def _score_rows(self, rollout: Rollout, top_k: int, want_logits: bool, want_hidden: bool) -> TeacherScores:
@@ -226,13 +233,13 @@ class HFTeacher:
             logits_BTV = completion_logits(self.model, rollout, self.vocab_size).float()
             scores = score_from_logits(logits_BTV, tokens_BT, top_k=k, temperature=self.temperature)
         else:
-            lm_head = self.model.get_output_embeddings()
+            head = output_head(self.model)
             hidden = completion_hidden_states(self.model, rollout)
-            scores = score_chunked(hidden, lm_head.weight, tokens_BT,
+            scores = score_chunked(hidden, head.weight, tokens_BT,
                                    top_k=k, temperature=self.temperature, chunk_size=self.chunk_size,
-                                   vocab_size=self.vocab_size, bias=lm_head.bias)
+                                   vocab_size=self.vocab_size, bias=head.bias, softcap=head.softcap)
             if want_hidden:
-                hidden_BTH, head_wb = hidden.to(lm_head.weight.dtype), (lm_head.weight, lm_head.bias)
+                hidden_BTH, head_wb = hidden.to(head.weight.dtype), head
         if self.topk_entropy:
             out = topk_only_scores(scores.logp, scores.topk_ids, scores.topk_logprobs, top_k=top_k,
                                    vocab_size=self.vocab_size)

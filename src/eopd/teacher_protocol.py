@@ -14,7 +14,8 @@ One request scores several sequences (``prompt`` is a list of token-id lists)::
                      "decoded_token": s}, ...}, ...], ...}, ...]}
 
 Position ``j >= 1`` of ``prompt_logprobs`` holds the distribution that predicts token ``j`` given tokens
-``< j``: its top-k ids and, when it is not among them, token ``j`` itself (``k`` or ``k + 1`` entries). Our
+``< j``: its top-k ids (ranks ``1..k``) and, when it is not among them, token ``j`` itself (``k`` or ``k + 1``
+entries; vLLM ranks that one above ``k``, our server ``null``). Our
 server adds one field beside it, ``prompt_entropies`` (``ENTROPY_FIELD``): the exact full-vocabulary
 entropy of the same distributions (``null`` first), which vLLM does not send.
 """
@@ -70,6 +71,10 @@ def parse_completion_response(body: Any, prompts: list[list[int]], completion_le
                               vocab_size: int) -> list[RowScores]:
     """Validate a completions response against its request and parse the completion positions of each row.
 
+    Anything the server could send goes through here, so the only exception a response can raise is
+    ``ResponseMismatchError`` (fuzzed in tests/test_teacher_client.py): the client retries it and, when it
+    persists, stops with ``TeacherUnavailableError`` (the trainer's checkpoint-and-stop).
+
     Args:
         body: The decoded JSON.
         prompts: The sequences sent (prompt + completion ids), in request order.
@@ -79,18 +84,28 @@ def parse_completion_response(body: Any, prompts: list[list[int]], completion_le
         vocab_size: Ids must be in ``[0, vocab_size)``.
 
     Raises:
-        ResponseMismatchError: wrong number of choices or positions, echoed ids that differ, a sampled token
-            missing, fewer (or more) entries than asked, ids out of range, values that are not log-probs.
+        ResponseMismatchError: wrong number of choices or positions, choice indices that are not 0..n-1,
+            echoed ids that differ, a sampled token missing, entries ranked 1..k that are not exactly the
+            top k, ids out of range, values that are not log-probs.
     """
     choices = body.get("choices") if isinstance(body, dict) else None
     if not isinstance(choices, list) or len(choices) != len(prompts):
         got = len(choices) if isinstance(choices, list) else "no"
         raise ResponseMismatchError(f"{got} choices for {len(prompts)} prompts")
-    ordered = sorted(choices, key=lambda c: c.get("index", -1) if isinstance(c, dict) else -1)
-    if [c.get("index") if isinstance(c, dict) else None for c in ordered] != list(range(len(prompts))):
-        raise ResponseMismatchError(f"choice indices are not 0..{len(prompts) - 1}")
     return [parse_choice(c, ids, n, min(k, vocab_size), vocab_size)
-            for c, ids, n in zip(ordered, prompts, completion_lengths, strict=True)]
+            for c, ids, n in zip(in_index_order(choices), prompts, completion_lengths, strict=True)]
+
+
+def in_index_order(choices: list[Any]) -> list[dict[str, Any]]:
+    """The choices ordered by their ``index``, which must be the ints ``0..n-1`` once each (a choice that is
+    not an object, or an index of another type, bool included, is a mismatch, not a ``TypeError``)."""
+    ordered: list[dict[str, Any] | None] = [None] * len(choices)
+    for choice in choices:
+        index = choice.get("index") if isinstance(choice, dict) else None
+        if not _is_int(index) or not 0 <= index < len(choices) or ordered[index] is not None:
+            raise ResponseMismatchError(f"choice indices are not 0..{len(choices) - 1} (got {index!r})")
+        ordered[index] = choice
+    return ordered  # type: ignore[return-value]  # every slot filled: n distinct indices in [0, n)
 
 
 def parse_choice(choice: dict[str, Any], ids: list[int], completion_length: int, k: int,
@@ -101,7 +116,7 @@ def parse_choice(choice: dict[str, Any], ids: list[int], completion_length: int,
         got = len(positions) if isinstance(positions, list) else "no"
         raise ResponseMismatchError(f"{got} prompt_logprobs positions for a {len(ids)}-token sequence")
     echoed = choice.get("prompt_token_ids")
-    if echoed is not None and list(echoed) != list(ids):
+    if echoed is not None and echoed != list(ids):
         raise ResponseMismatchError("the server scored other token ids than the ones sent (prompt_token_ids differ)")
     if not 0 <= completion_length < len(ids):
         raise ValueError(f"completion length {completion_length} must be in [0, {len(ids)})")
@@ -116,40 +131,78 @@ def parse_choice(choice: dict[str, Any], ids: list[int], completion_length: int,
 
 
 def parse_position(entry: Any, token: int, k: int, vocab_size: int, j: int) -> tuple[float, list[int], list[float]]:
-    """``(log p(token), top-k ids, top-k log-probs)`` of one position's ``{id: {"logprob": ...}}`` entry.
+    """``(log p(token), top-k ids, top-k log-probs)`` of one position's ``{id: {"logprob", "rank"}}`` entry.
 
-    The top-k are the ``k`` entries with the largest log-probs (not read from ``rank``: vLLM versions differ
-    in the rank they give a sampled token outside the top-k). ``-9999.0`` (vLLM's ``-inf``) stays as it is.
+    The top k are the entries ranked ``1..k``, each rank once: vLLM gives every entry a rank (a sampled token
+    outside the top-k gets its true vocabulary rank, older V1 versions ``k + 1``: either way above ``k``) and
+    our server gives such a token ``rank: null``. Any other entry is a mismatch; so is a position that holds
+    only ``k - 1`` of the top k beside the sampled token, which the log-probs alone cannot tell from a whole
+    top k. The top k are returned most likely first. ``-9999.0`` (vLLM's ``-inf``) stays as it is.
     """
     if not isinstance(entry, dict):
         raise ResponseMismatchError(f"position {j}: expected a {{token id: logprob}} mapping, "
                                     f"got {type(entry).__name__}")
-    items = [(_token_id(key, vocab_size, j), _logprob(value, j)) for key, value in entry.items()]
+    items = [(_token_id(key, vocab_size, j), _logprob(value, j), _rank(value, j)) for key, value in entry.items()]
     if not k <= len(items) <= k + 1:
         raise ResponseMismatchError(f"position {j}: {len(items)} entries where the top {k} (and the sampled token) "
-                               "were asked")
-    sampled = [lp for tid, lp in items if tid == token]
-    if not sampled:
+                                    "were asked")
+    ranked: dict[int, tuple[int, float]] = {}
+    sampled = None
+    for tid, lp, rank in items:
+        if tid == token:
+            sampled = lp
+        if rank is not None and rank <= k:
+            if rank in ranked:
+                raise ResponseMismatchError(f"position {j}: rank {rank} twice (ids {ranked[rank][0]} and {tid})")
+            ranked[rank] = (tid, lp)
+        elif tid != token:
+            raise ResponseMismatchError(f"position {j}: id {tid} is outside the top {k} (rank {rank}) and is not "
+                                        f"the sampled token {token}")
+    if sampled is None:
         raise ResponseMismatchError(f"position {j}: the sampled token {token} is missing")
-    top = sorted(items, key=lambda item: -item[1])[:k]
-    return sampled[0], [tid for tid, _ in top], [lp for _, lp in top]
+    if len(ranked) != k:
+        raise ResponseMismatchError(f"position {j}: ranks 1..{k} expected once each (the top {k}), got ranks "
+                                    f"{sorted(ranked)}")
+    top = sorted(ranked.values(), key=lambda item: -item[1])
+    return sampled, [tid for tid, _ in top], [lp for _, lp in top]
+
+
+def _is_int(value: Any) -> bool:
+    """A JSON integer (``bool`` is an ``int`` subclass in Python, not one here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_or_inf(value: Any) -> bool:
+    """A JSON number Python can hold as a float: not NaN, not an integer beyond float range."""
+    if _is_int(value):
+        return abs(value) < 2**1023
+    return isinstance(value, float) and not math.isnan(value)
 
 
 def _token_id(key: Any, vocab_size: int, j: int) -> int:
-    try:
-        tid = int(key)
-    except (TypeError, ValueError):
-        raise ResponseMismatchError(f"position {j}: {key!r} is not a token id") from None
-    if not 0 <= tid < vocab_size:
+    """The id of an entry's key, written as vLLM writes it (``str(id)``: ``"05"``, ``" 5"`` or ``"+5"`` would
+    make two keys of one id)."""
+    tid = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else None
+    if tid is None or key != str(tid):
+        raise ResponseMismatchError(f"position {j}: {key!r} is not a token id")
+    if not tid < vocab_size:
         raise ResponseMismatchError(f"position {j}: token id {tid} is outside the vocabulary [0, {vocab_size})")
     return tid
 
 
 def _logprob(value: Any, j: int) -> float:
     lp = value.get("logprob") if isinstance(value, dict) else None
-    if isinstance(lp, bool) or not isinstance(lp, int | float) or math.isnan(lp) or lp > MAX_LOGPROB:
+    if not _is_finite_or_inf(lp) or lp > MAX_LOGPROB:
         raise ResponseMismatchError(f"position {j}: {value!r} is not a {{'logprob': float <= 0}} entry")
     return float(lp)
+
+
+def _rank(value: dict[str, Any], j: int) -> int | None:
+    """An entry's ``rank``: None (absent or ``null``) or an int ``>= 1``."""
+    rank = value.get("rank")
+    if rank is not None and (not _is_int(rank) or rank < 1):
+        raise ResponseMismatchError(f"position {j}: rank {rank!r} is not an integer >= 1 (or null)")
+    return rank
 
 
 def parse_entropies(values: Any, length: int, start: int) -> list[float] | None:
@@ -160,7 +213,7 @@ def parse_entropies(values: Any, length: int, start: int) -> list[float] | None:
         got = len(values) if isinstance(values, list) else type(values).__name__
         raise ResponseMismatchError(f"{ENTROPY_FIELD} has {got} positions for a {length}-token sequence")
     out = values[start:]
-    if not all(isinstance(h, int | float) and not isinstance(h, bool) and 0 <= h < math.inf for h in out):
+    if not all(_is_finite_or_inf(h) and 0 <= h < math.inf for h in out):
         raise ResponseMismatchError(f"{ENTROPY_FIELD} holds a value that is not an entropy (finite, >= 0)")
     return [float(h) for h in out]
 
@@ -200,17 +253,19 @@ def tokenize_ids(body: Any) -> list[int]:
 
 
 def error_message(raw: bytes) -> str:
-    """The message of an error body: vLLM's ``{"error": {"message": ...}}``, older ``{"message": ...}``, or text."""
+    """The message of an error body: vLLM's ``{"error": {"message": ...}}``, older ``{"message": ...}``, its
+    401 ``{"error": "Unauthorized"}``, or the text (also for JSON nested too deep to parse or print)."""
+    as_text = " ".join(raw[:200].decode("utf-8", "replace").split()) or "(empty body)"
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return raw[:200].decode("utf-8", "replace").strip() or "(empty body)"
-    if isinstance(body, dict):
-        inner = body.get("error")
-        message = inner.get("message") if isinstance(inner, dict) else body.get("message", inner)
-        if message:
-            return " ".join(str(message).split())[:300]
-    return str(body)[:200]
+        if isinstance(body, dict):
+            inner = body.get("error")
+            message = inner.get("message") if isinstance(inner, dict) else body.get("message", inner)
+            if message:
+                return " ".join(str(message).split())[:300]
+        return str(body)[:200]
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return as_text
 
 
 def error_body(message: str, status: int) -> dict[str, Any]:

@@ -14,10 +14,18 @@ time under a lock so a GPU is never shared by two forwards)::
     POST /v1/completions  token-id prompts with prompt_logprobs=k (see ``teacher_protocol``)
 
 It scores prompts only: no token is generated (a choice's ``text`` is empty, ``completion_tokens`` 0).
+
+What a request can cost is bounded: with an API key every endpoint but ``/health`` answers 401 (vLLM's body,
+``{"error": "Unauthorized"}``) to a request without ``Authorization: Bearer KEY``, compared in constant time;
+a body above ``max_body_bytes`` is refused with 413 without being kept; a request whose padded size (prompts x
+longest prompt) exceeds ``max_batch_tokens`` with 400 before anything is allocated; a connection idle for
+``Handler.timeout`` seconds is closed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import threading
 import time
@@ -30,6 +38,13 @@ import torch
 from eopd.rollout import Rollout
 from eopd.teacher import HFTeacher, TeacherScores
 from eopd.teacher_protocol import ENTROPY_FIELD, error_body, position_entry
+
+#: vLLM's answer to a missing or wrong key (``AuthenticationMiddleware``, vllm/entrypoints/serve/middleware/).
+UNAUTHORIZED_BODY = {"error": "Unauthorized"}
+#: Paths open without the key: a load balancer's health check (vLLM leaves ``/health`` open too).
+OPEN_PATHS = frozenset({"/health"})
+#: The default cap of a request body (64 MiB; a micro-batch of 8 sequences of 32k tokens is ~2 MiB).
+MAX_BODY_BYTES = 64 << 20
 
 
 class BadRequestError(ValueError):
@@ -63,16 +78,21 @@ class TeacherService:
         send_entropy: Add the exact entropies (``prompt_entropies``) to each choice.
         micro_batch_size: Sequences per forward.
         max_model_len: Longest sequence accepted.
+        max_batch_tokens: Largest request in padded positions, prompts x longest prompt (the scores of a
+            request are ``[prompts, longest, k]`` tensors: many short prompts beside one long one would
+            allocate far more than their tokens); None: the larger of ``2**21`` and 8 full-length sequences.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, name: str, top_k_max: int = 20,
-                 send_entropy: bool = True, micro_batch_size: int = 8, max_model_len: int | None = None) -> None:
+                 send_entropy: bool = True, micro_batch_size: int = 8, max_model_len: int | None = None,
+                 max_batch_tokens: int | None = None) -> None:
         self.vocab_size = len(tokenizer)
         self.tokenizer = tokenizer
         self.name = name
         self.top_k_max = top_k_max
         self.send_entropy = send_entropy
         self.max_model_len = max_model_len or int(getattr(model.config, "max_position_embeddings", 1 << 20))
+        self.max_batch_tokens = max_batch_tokens or max(1 << 21, 8 * self.max_model_len)
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.teacher = HFTeacher(model, self.vocab_size, temperature=1.0, micro_batch_size=micro_batch_size)
@@ -126,6 +146,11 @@ class TeacherService:
             if len(p) > self.max_model_len:
                 raise BadRequestError(f"This model's maximum context length is {self.max_model_len} tokens; the "
                                       f"prompt has {len(p)}")
+        padded = len(prompt) * max(map(len, prompt))
+        if padded > self.max_batch_tokens:
+            raise BadRequestError(f"{len(prompt)} prompts padded to {max(map(len, prompt))} tokens are {padded} "
+                                  f"positions, above this server's --max-batch-tokens {self.max_batch_tokens}; "
+                                  "send fewer sequences per request (optim.micro_batch_size)")
         return prompt
 
     def _top_k(self, k: Any) -> int | None:
@@ -171,9 +196,14 @@ class Handler(BaseHTTPRequestHandler):
 
     server: TeacherHTTPServer
     protocol_version = "HTTP/1.1"
+    #: Seconds a connection may sit idle (or a client take per read): a client that connects and says nothing
+    #: must not hold a thread for ever.
+    timeout = 60
 
     def do_GET(self) -> None:
         """``/health`` and ``/v1/models``."""
+        if not self._authorized():
+            return
         if self.path == "/health":
             self._send(200, {})
         elif self.path == "/v1/models":
@@ -183,26 +213,83 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         """``/v1/completions`` and ``/tokenize``."""
+        if not self._authorized():
+            return
         routes = {"/v1/completions": self.server.service.complete, "/tokenize": self.server.service.tokenize}
         if self.path not in routes:
-            self._send(404, error_body(f"no route POST {self.path}", 404))
+            self._refuse(404, error_body(f"no route POST {self.path}", 404), drain_up_to=self.server.max_body_bytes)
+            return
+        raw = self._read_body()
+        if raw is None:
             return
         try:
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            body = json.loads(raw)
             if not isinstance(body, dict):
                 raise BadRequestError("the request body must be a JSON object")
             self._send(200, routes[self.path](body))
-        except (BadRequestError, ValueError) as err:
-            self._send(400, error_body(str(err), 400))
+        except (BadRequestError, ValueError, RecursionError) as err:  # RecursionError: JSON nested too deep
+            self._send(400, error_body(str(err) or type(err).__name__, 400))
         except Exception as err:  # a fault of ours (e.g. out of memory): 500, which the client retries
             traceback.print_exc()
             self._send(500, error_body(f"{type(err).__name__}: {err}", 500))
 
-    def _send(self, status: int, body: dict[str, Any]) -> None:
+    def _authorized(self) -> bool:
+        """Whether the request may go on; answers 401 (and closes the connection: its body is not read) when not.
+
+        Compares SHA-256 digests with ``hmac.compare_digest``, as vLLM does, so the time taken says nothing about
+        the key, its length included.
+        """
+        expected = self.server.api_key_digest
+        if expected is None or self.path in OPEN_PATHS:
+            return True
+        scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
+        given = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
+        if scheme.lower() == "bearer" and hmac.compare_digest(given, expected):
+            return True
+        self._refuse(401, UNAUTHORIZED_BODY, drain_up_to=self.server.max_body_bytes)
+        return False
+
+    def _content_length(self) -> int:
+        """The declared body size; -1 when it is not a byte count."""
+        text = self.headers.get("Content-Length", "0")
+        return int(text) if text.isascii() and text.isdigit() else -1
+
+    def _read_body(self) -> bytes | None:
+        """The request body, or None after answering 400 (no usable Content-Length) or 413 (above the cap)."""
+        length, cap = self._content_length(), self.server.max_body_bytes
+        if length < 0:
+            text = self.headers.get("Content-Length")
+            self._refuse(400, error_body(f"Content-Length {text!r} is not a byte count", 400), drain_up_to=0)
+            return None
+        if length > cap:
+            self._refuse(413, error_body(f"the request body is {length} bytes, above this server's --max-request-mb "
+                                         f"({cap >> 20} MiB); send fewer sequences per request "
+                                         "(optim.micro_batch_size)", 413), drain_up_to=4 * cap)
+            return None
+        return self.rfile.read(length)
+
+    def _refuse(self, status: int, body: dict[str, Any], *, drain_up_to: int) -> None:
+        """Answer without using the request body, then close the connection.
+
+        A body of at most ``drain_up_to`` bytes is read and dropped first, in 1 MiB pieces: a client still
+        sending when the server closes gets a broken pipe (or a reset) instead of this answer, and would retry
+        a request that cannot succeed. A larger one is not read at all (closing is cheaper than reading it).
+        """
+        length = self._content_length()
+        if 0 < length <= drain_up_to:
+            while length > 0 and (piece := self.rfile.read(min(length, 1 << 20))):
+                length -= len(piece)
+        self._send(status, body, close=True)
+
+    def _send(self, status: int, body: dict[str, Any], *, close: bool = False) -> None:
+        """The JSON answer; ``close`` ends the connection after it (a request whose body was not read)."""
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         self.wfile.write(data)
 
@@ -213,11 +300,22 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class TeacherHTTPServer(ThreadingHTTPServer):
-    """A threading HTTP server that holds the service (threads are daemons: Ctrl-C never waits on a client)."""
+    """A threading HTTP server that holds the service (threads are daemons: Ctrl-C never waits on a client).
+
+    Args:
+        address: ``(host, port)``; port 0 takes a free one (``server_address`` says which).
+        service: What the endpoints do.
+        verbose: Log every request.
+        api_key: The key every endpoint but ``/health`` requires as ``Authorization: Bearer KEY``; None: open.
+        max_body_bytes: Largest request body read (413 above it).
+    """
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], service: TeacherService, verbose: bool = False) -> None:
+    def __init__(self, address: tuple[str, int], service: TeacherService, verbose: bool = False, *,
+                 api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> None:
         super().__init__(address, Handler)
         self.service = service
         self.verbose = verbose
+        self.api_key_digest = None if api_key is None else hashlib.sha256(api_key.encode("utf-8")).digest()
+        self.max_body_bytes = max_body_bytes

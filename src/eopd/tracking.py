@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,12 +28,24 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def truncate_metrics(path: str | Path, last_step: int) -> None:
-    """Keep only records with ``step <= last_step`` (resume replays the steps after the checkpoint)."""
+    """Keep only records with ``step <= last_step`` (resume replays the steps after the checkpoint).
+
+    Written atomically: the kept records go to a temporary file beside it, synced to disk, which then replaces
+    the old file in one ``os.replace``; a crash at any point leaves either the old history or the new one.
+    """
     p = Path(path)
     if not p.exists():
         return
     kept = [r for r in read_metrics(p) if r.get("step", 0) <= last_step]
-    p.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def format_duration(seconds: float) -> str:
@@ -56,7 +69,8 @@ class MetricsLogger:
         wandb_project: If set, log to W&B (``wandb`` must be installed).
         config: Run config for W&B.
         log_every: Print every N steps.
-        start_step: Steps already done (resume).
+        start_step: Steps already done (resume): TensorBoard hides the earlier run's events from step
+            ``start_step + 1`` on (``purge_step``), so the replayed steps show once.
     """
 
     def __init__(self, output_dir: str | Path, total_steps: int, *, enabled: bool = True, tensorboard: bool = True,
@@ -78,7 +92,8 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(output_dir) / "tb"))
+                purge = {"purge_step": start_step + 1} if start_step else {}
+                self._tb = SummaryWriter(str(Path(output_dir) / "tb"), **purge)
             except Exception:  # tensorboard is optional: absent or broken means skip
                 self._tb = None
         if wandb_project:
@@ -103,15 +118,19 @@ class MetricsLogger:
             self._wandb.log(metrics, step=step)
         self._print(step, metrics)
 
+    #: The progress line's training fields (metric key, label, format): a step prints those it has, so the
+    #: step-0 line (evaluation only) shows no training numbers that do not exist yet.
+    FIELDS = (("loss", "loss", ".4f"), ("rkl_estimate", "rkl", ".3f"), ("fkl", "fkl", ".3f"),
+              ("gated_share", "gated", ".2f"), ("teacher_entropy", "H_T", ".2f"), ("student_entropy", "H_S", ".2f"),
+              ("response_length", "len", ".1f"))
+
     def _print(self, step: int, m: dict[str, float]) -> None:
         done = step - self.start_step
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / max(done, 1) * (self.total_steps - step)
-        text = (f"step {step}/{self.total_steps} loss {m.get('loss', float('nan')):.4f} "
-                f"rkl {m.get('rkl_estimate', float('nan')):.3f} fkl {m.get('fkl', float('nan')):.3f} "
-                f"gated {m.get('gated_share', float('nan')):.2f} H_T {m.get('teacher_entropy', float('nan')):.2f} "
-                f"H_S {m.get('student_entropy', float('nan')):.2f} len {m.get('response_length', float('nan')):.1f} "
-                f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}")
+        shown = [f"{label} {m[key]:{fmt}}" for key, label, fmt in self.FIELDS if key in m]
+        text = " ".join([f"step {step}/{self.total_steps}", *shown,
+                         f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}"])
         if "eval/avg@n" in m:
             text += f" eval avg@n {m['eval/avg@n']:.3f}"
         if self.tty:

@@ -26,7 +26,7 @@ from types import FrameType
 import torch
 
 from eopd import checkpoint as ckpt
-from eopd.collect import collect_batch, step_prompt_indices
+from eopd.collect import collect_batch, first_failure, step_prompt_indices
 from eopd.components import Components, build_components
 from eopd.config import TrainConfig, to_dict
 from eopd.folders import atomic_folder, save_model_folder
@@ -39,6 +39,8 @@ from eopd.update import ppo_update
 
 def step(c: Components) -> dict[str, float]:
     """One step: collect a batch, update on it; returns metrics reduced over processes."""
+    from accelerate.utils import gather_object
+
     cfg, r = c.cfg, c.cfg.rollout
     prompts = step_prompt_indices(len(c.problems), c.state.data_position, r.prompts_per_step, cfg.seed, c.rank,
                                   c.world)
@@ -49,9 +51,11 @@ def step(c: Components) -> dict[str, float]:
             max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, eos_ids=c.eos_ids,
             pad_id=c.tokenizer.pad_token_id, vocab_size=c.vocab_size, sample_generator=c.generators["sample"],
             loss_generator=c.generators["loss"], adaptive=c.adaptive, fused=cfg.loss_impl == "fused",
-            mean_over_processes=lambda x: float(c.reduce_sum(torch.tensor([x], device=c.device))[0]) / c.world,
+            gather_over_processes=lambda x: torch.cat(gather_object([x.cpu()])).to(x.device) if c.world > 1 else x,
             token_roles=functools.partial(roles, c.tokenizer) if callable(roles) and cfg.optim.diagnostics else None,
-            max_batch_size=r.max_batch_size)
+            max_batch_size=r.max_batch_size,
+            agree_failure=functools.partial(first_failure, world=c.world, reduce_sum=lambda x: c.reduce_sum(
+                x.to(c.device)).cpu(), gather=gather_object))
     t1 = time.perf_counter()
     lr = c.optimizer.param_groups[0]["lr"]
     sums, grad_norms = ppo_update(
@@ -81,7 +85,11 @@ def step(c: Components) -> dict[str, float]:
 
 def step_or_checkpoint(c: Components, logger: MetricsLogger) -> dict[str, float]:
     """``step(c)``; when the teacher fails for good, checkpoint the last complete step (random streams put
-    back to that step boundary, so a resume continues exactly) and re-raise its one-line error."""
+    back to that step boundary, so a resume continues exactly) and re-raise its one-line error.
+
+    A failure on one process reaches every process at the same point of the step (``collect.first_failure``,
+    right after the teacher's scoring, before the step's first other collective), so all of them save
+    together (``save`` is collective) and stop with the same line: the first failing process's message."""
     boundary = {k: g.get_state() for k, g in c.generators.items()}
     try:
         return step(c)
@@ -100,24 +108,22 @@ def step_or_checkpoint(c: Components, logger: MetricsLogger) -> dict[str, float]
 def evaluate(c: Components) -> dict[str, float]:
     """Periodic evaluation on the task's held-out split through ``eopd eval``'s own ``evaluate_problems``.
 
-    Each process evaluates its share of the problems; the graded records are gathered and aggregated once,
-    so the metrics are exactly those of a single-process ``evaluate_problems`` on all of them.
+    The processes share the problems (``evaluate_across_processes``: whole sampling blocks each, a problem's
+    samples a function of the seed and its index), so the records, and the metrics aggregated once from
+    them, are exactly those of a single-process evaluation, whatever the number of processes.
     """
     from accelerate.utils import gather_object
 
-    from eopd.evaluation import evaluate_problems, names_paths, result_from_records
+    from eopd.evaluation import evaluate_across_processes, names_paths, result_from_records
 
     e = c.cfg.eval
-    problems = first_of_each_benchmark(c.task.problems(e.split), e.problems)[c.rank :: c.world]
     g = torch.Generator(device=c.generators["sample"].device).manual_seed(c.cfg.seed + 12_345)
-    local = evaluate_problems(
-        c.student, c.tokenizer, problems, c.task, n=e.n, temperature=e.temperature, top_p=e.top_p,
+    records = evaluate_across_processes(
+        c.student, c.tokenizer, first_of_each_benchmark(c.task.problems(e.split), e.problems), c.task,
+        rank=c.rank, world=c.world, gather=gather_object, n=e.n, temperature=e.temperature, top_p=e.top_p,
         max_new_tokens=e.max_new_tokens or c.cfg.rollout.max_new_tokens, generator=g,
         use_chat_template=c.cfg.data.chat_template, chat_template_kwargs=c.cfg.data.chat_template_kwargs)
     c.student.train()
-    records = [r for b in local.benchmarks.values() for r in b.problems]
-    if c.world > 1:
-        records = gather_object(records)
     result = result_from_records(records, with_paths=names_paths(c.task))
     metrics = {f"eval/{k}": v for k, v in result.metrics.items() if k != "num_problems"}
     metrics["eval/avg@n"] = metrics.pop(f"eval/avg@{e.n}")
@@ -197,22 +203,28 @@ def should_stop(c: Components, flag: StopFlag) -> bool:
 
 
 def prepare_output(c: Components) -> None:
-    """Write the config; on resume drop metrics past the checkpoint, on a fresh start refuse to mix runs."""
-    if not c.is_main:
-        return
-    if c.resume_from is None and ckpt.list_checkpoints(c.out):
-        raise ckpt.CheckpointError(f"{c.out} holds checkpoints of an earlier run; continue it with resume=true or "
-                                   "choose another output_dir (nothing was overwritten)")
-    c.out.mkdir(parents=True, exist_ok=True)
-    (c.out / "config.json").write_text(json.dumps(to_dict(c.cfg), indent=2))
-    limited = f"; data.limit: training on the first {len(c.problems):,}" if c.cfg.data.limit else ""
-    print(f"data: {c.task.describe()}{limited}", flush=True)
-    metrics = c.out / "metrics.jsonl"
-    if c.resume_from is not None:
-        truncate_metrics(metrics, c.state.step)
-        print(f"resumed from {c.resume_from} at step {c.state.step}", flush=True)
-    elif metrics.exists():
-        metrics.unlink()
+    """Write the config; on resume drop metrics past the checkpoint. A run that starts at step 1 never mixes
+    with or deletes an earlier run's files: it stops, or with ``start_over=true`` moves them aside
+    (``ckpt.claim_output_dir``). All processes call: a refusal on the main one stops every process alike."""
+    error = None
+    if c.is_main:
+        try:
+            if c.resume_from is None:
+                ckpt.claim_output_dir(c.out, start_over=c.cfg.start_over, resume=c.cfg.resume,
+                                      say=lambda m: print(m, flush=True))
+            c.out.mkdir(parents=True, exist_ok=True)
+            (c.out / "config.json").write_text(json.dumps(to_dict(c.cfg), indent=2))
+            limited = f"; data.limit: training on the first {len(c.problems):,}" if c.cfg.data.limit else ""
+            print(f"data: {c.task.describe()}{limited}", flush=True)
+            metrics = c.out / "metrics.jsonl"
+            if c.resume_from is not None:
+                truncate_metrics(metrics, c.state.step)
+                print(f"resumed from {c.resume_from} at step {c.state.step}", flush=True)
+            else:
+                metrics.unlink(missing_ok=True)  # empty: a recorded history stopped the run or was moved aside
+        except Exception as err:  # every process must stop, with the same line
+            error = err
+    ckpt.stop_together(error, c.rank, c.world)
 
 
 def run(c: Components) -> list[dict[str, float]]:

@@ -25,6 +25,7 @@ import torch
 from eopd.collect import Batch
 from eopd.config import OptimConfig
 from eopd.forward import completion_hidden_states, completion_logits
+from eopd.head import logit_softcap, output_head
 from eopd.losses import ObjectiveConfig, ObjectiveOutput, objective
 from eopd.losses.objectives import DIAG_KEYS
 from eopd.microbatch import micro_batches
@@ -49,9 +50,10 @@ def student_loss(
 
     ``plain`` materialises the student's ``[b, T, V]`` logits; ``fused`` runs the chunked lm_head + loss that
     keeps at most ``chunk_size x V`` alive and computes the lm_head gradients in the same pass (only the first
-    ``vocab_size`` rows of a padded lm_head are used; ``head`` is the model's output embedding). Exact
-    full-vocabulary baselines on the fused path get the teacher's hidden states and lm_head instead of its
-    logits and recompute them chunk by chunk. ``diagnostics`` adds the per-term logit-gradient parts to
+    ``vocab_size`` rows of a padded lm_head are used; ``head`` is the model's output embedding; the model's
+    soft-cap, if any, is applied as its forward does). Exact full-vocabulary baselines on the fused path get
+    the teacher's hidden states and lm_head (with its soft-cap) instead of its logits and recompute them
+    chunk by chunk. ``diagnostics`` adds the per-term logit-gradient parts to
     ``token_parts`` (``[b, T]`` on the plain path, ``[N_valid]`` on the fused one).
     """
     rollout = batch.rollout
@@ -65,12 +67,13 @@ def student_loss(
     hidden_NH = completion_hidden_states(model, rollout)[mask]
     teacher: dict[str, Any] = {}
     if batch.scores.hidden_BTH is not None and batch.scores.head is not None:
-        teacher = {"teacher_hidden": batch.scores.hidden_BTH[mask], "teacher_weight": batch.scores.head[0],
-                   "teacher_bias": batch.scores.head[1]}
+        t_head = batch.scores.head
+        teacher = {"teacher_hidden": batch.scores.hidden_BTH[mask], "teacher_weight": t_head.weight,
+                   "teacher_bias": t_head.bias, "teacher_softcap": t_head.softcap}
     return fused_objective(obj, hidden_NH, head.weight, batch.tokens.map(lambda x: x[mask]),
                            weights=batch.weights.map(lambda x: x[mask]), normalizer=normalizer,
                            chunk_size=chunk_size, lm_head_bias=head.bias, vocab_size=vocab_size,
-                           diagnostics=diagnostics, **teacher)
+                           diagnostics=diagnostics, softcap=logit_softcap(model), **teacher)
 
 
 @torch.no_grad()
@@ -81,13 +84,14 @@ def learner_logprobs(
     """The learner's log-prob of every sampled token before the update, ``[B, T]`` (0 where masked).
 
     Computed exactly as the loss computes its own (``fused``: the chunked lm_head in the hidden states'
-    dtype with float32 softmax math; ``plain``: full logits), so the PPO ratio of the first update is 1.
+    dtype with float32 soft-cap and softmax math; ``plain``: full logits), so the PPO ratio of the first
+    update is 1.
     Rows go through in the update's micro-batches (``rows_per_forward`` rows, or ``max_tokens`` padded tokens).
     """
     from eopd.losses.divergences import gather_log_probs
     from eopd.losses.scoring import score_chunked
 
-    head = model.get_output_embeddings()
+    head = output_head(model)
     out = torch.zeros_like(batch.rollout.logp_old_BT)
     rows = torch.arange(batch.num_rows, device=out.device)
     for g in micro_batches(batch.rollout, rows, size=rows_per_forward, max_tokens=max_tokens):
@@ -98,7 +102,7 @@ def learner_logprobs(
         else:
             logp_BT = score_chunked(completion_hidden_states(model, rollout), head.weight, tokens_BT,
                                     temperature=temperature, chunk_size=chunk_size, vocab_size=vocab_size,
-                                    bias=head.bias, float32_logits=False).logp
+                                    bias=head.bias, float32_logits=False, softcap=head.softcap).logp
         out[g, : tokens_BT.shape[1]] = logp_BT.float() * rollout.completion_mask_BT
     return out
 

@@ -1,5 +1,6 @@
 """Per-term logit-gradient diagnostics: closed form (fused sparse) and autograd (plain, fused generic) against a
-float64 brute force and a hand-computed example; their step aggregation, the clip coefficient and token roles."""
+float64 brute force of every term written out from its definition, and a hand-computed example; their step
+aggregation (the same whatever the micro-batches), the clip coefficient and token roles."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from eopd.collect import UNASSIGNED, Batch, token_role_ids
 from eopd.losses import ObjectiveConfig, TokenBatch, TokenWeights, objective, prepare_weights
 from eopd.losses.fused import fused_objective, reference_objective
-from eopd.losses.objectives import DIAG_KEYS, token_losses
+from eopd.losses.objectives import DIAG_KEYS
 from eopd.losses.scoring import score_from_logits, with_teacher_scores
 from eopd.rollout import Rollout
 from eopd.step_metrics import RAW, finish_raw_sums, merge_metrics, pop_raw_sums
@@ -59,28 +60,45 @@ def random_case(cfg: ObjectiveConfig, *, top_k: int = 4, vocab: int = 9, mask_p:
     return Case(hidden, weight, batch, weights)
 
 
-def sparse_reference_terms(cfg: ObjectiveConfig, logits: Tensor, case: Case) -> tuple[Tensor, Tensor]:
-    """``w_R RKL`` and ``w_F FKL`` of ``eopd``-like presets (ppo + topk), written out in float64 from scratch."""
-    b, w = case.batch, case.weights
-    logq = torch.log_softmax(logits / cfg.temperature, -1)
+def reference_terms(cfg: ObjectiveConfig, logits: Tensor, case: Case) -> tuple[Tensor, Tensor]:
+    """``w_R RKL`` and ``w_F FKL`` per position, written out in float64 from their definitions (no eopd loss
+    code): the PPO-clipped surrogate or the exact reverse KL; the renormalised top-k, top-k + tail bucket,
+    importance-weighted or exact forward KL. The weights are the case's (an input of the terms)."""
+    b, w, t = case.batch, case.weights, cfg.temperature
+    logq = torch.log_softmax(logits / t, -1)
     logq_y = logq.gather(-1, b.tokens.unsqueeze(-1)).squeeze(-1)
-    ratio = torch.exp(logq_y - b.logp_old.double())
-    adv = b.teacher_logp.double() - b.logp_old.double()
-    rkl = torch.maximum(-ratio * adv, -ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)
-    p = torch.softmax(b.teacher_topk_logprobs.double(), -1)  # the teacher's top-k, renormalised
-    fkl = (p * (p.log() - logq.gather(-1, b.teacher_topk_ids))).sum(-1)
+    logp = torch.log_softmax(b.teacher_logits.double() / t, -1)  # the teacher's full distribution
+    zero = torch.zeros_like(logq_y)
+    if cfg.rkl == "ppo":
+        ratio = torch.exp(logq_y - b.logp_old.double())
+        adv = b.teacher_logp.double() - b.logp_old.double()
+        rkl = torch.maximum(-ratio * adv, -ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)
+    elif cfg.rkl == "exact":
+        rkl = (logq.exp() * (logq - logp)).sum(-1)
+    else:
+        rkl = zero
+    logp_K = b.teacher_topk_logprobs.double()
+    logq_K = logq.gather(-1, b.teacher_topk_ids)
+    if cfg.fkl == "topk":
+        p_K = torch.softmax(logp_K, -1)  # the teacher's top-k, renormalised; q is not
+        fkl = (p_K * (p_K.log() - logq_K)).sum(-1)
+    elif cfg.fkl == "topk_tail":
+        fkl = (logp_K.exp() * (logp_K - logq_K)).sum(-1)
+        if b.teacher_topk_ids.shape[-1] < logits.shape[-1]:  # k = V: no tail on either side
+            p_tail, q_tail = 1 - logp_K.exp().sum(-1), 1 - logq_K.exp().sum(-1)
+            fkl = fkl + p_tail * (p_tail.log() - q_tail.log())
+    elif cfg.fkl == "importance":
+        weight = torch.exp(b.teacher_logp.double() - b.logp_old.double())
+        fkl = weight * (b.teacher_logp.double() - logq_y)
+    elif cfg.fkl == "exact":
+        fkl = (logp.exp() * (logp - logq)).sum(-1)
+    else:
+        fkl = zero
     mask = b.mask.bool()
     return (torch.where(mask, w.w_rkl.double() * rkl, 0.0), torch.where(mask, w.w_fkl.double() * fkl, 0.0))
 
 
-def token_losses_terms(cfg: ObjectiveConfig, logits: Tensor, case: Case) -> tuple[Tensor, Tensor]:
-    """The weighted terms through ``token_losses`` in float64 (objectives not written out above)."""
-    batch = case.batch.map(lambda x: x.double() if x.is_floating_point() else x)
-    parts = token_losses(cfg, logits, batch, case.weights.map(lambda x: x.double()))
-    return parts["loss_rkl"], parts["loss_fkl"]
-
-
-def brute_force(cfg: ObjectiveConfig, case: Case, terms=sparse_reference_terms) -> dict[str, Tensor]:
+def brute_force(cfg: ObjectiveConfig, case: Case, terms=reference_terms) -> dict[str, Tensor]:
     """Per-position ``||G^R||^2``, ``||G^F||^2``, ``<G^R, G^F>`` by float64 autograd of each term wrt the logits."""
     logits = (case.hidden.double() @ case.weight.double().T).requires_grad_(True)
     grads = []
@@ -137,7 +155,7 @@ def test_closed_form_with_tail_and_importance_terms(overrides, top_k) -> None:
     cfg = ObjectiveConfig.preset("eopd", **overrides)
     case = random_case(cfg, top_k=top_k, seed=3)
     for need_grad in (True, False):
-        assert_diag_close(fused_parts(cfg, case, need_grad=need_grad), brute_force(cfg, case, token_losses_terms))
+        assert_diag_close(fused_parts(cfg, case, need_grad=need_grad), brute_force(cfg, case))
 
 
 @pytest.mark.parametrize("name", ["eopd", "opd", "mixture", "fkl", "rkl"])
@@ -146,7 +164,7 @@ def test_plain_path_autograd_equals_brute_force(name) -> None:
     case = random_case(cfg, seed=4)
     logits = (case.hidden @ case.weight.T).requires_grad_(True)
     out = objective(cfg, logits, case.batch, weights=case.weights, diagnostics=True)
-    assert_diag_close(out.token_parts, brute_force(cfg, case, token_losses_terms), rtol=1e-4)
+    assert_diag_close(out.token_parts, brute_force(cfg, case), rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["mixture", "fkl", "rkl", "fixed_mix"])
@@ -387,3 +405,35 @@ def test_reduce_step_agrees_on_keys_that_only_some_processes_hold() -> None:
     extreme = [k for k in keys if k.endswith(("_min", "_max"))]
     signs = torch.tensor([-1.0 if k.endswith("_min") else 1.0 for k in extreme], dtype=torch.float64)
     assert dict(zip(extreme, (maxed * signs).tolist(), strict=True)) == {"ppo/ratio_max": 1.5, "ppo/ratio_min": 0.9}
+
+
+@pytest.mark.parametrize("path", ["plain", "fused"])
+def test_fkl_high_entropy_is_the_gated_mean_whatever_the_micro_batches(path) -> None:
+    """The step's ``fkl_high_entropy`` is sum(FKL * gate) / sum(gate) over all its tokens, from raw sums: the
+    same for one call or several micro-batches (a token-weighted mean of per-call means is not)."""
+    from eopd.step_metrics import reduce_step
+
+    cfg = ObjectiveConfig.preset("eopd", top_k=4)
+    case = random_case(cfg, seed=11)
+    b, gate, mask = case.batch, case.weights.gate.double(), case.batch.mask.bool()
+    logq = torch.log_softmax(case.hidden.double() @ case.weight.double().T, -1)
+    p_K = torch.softmax(b.teacher_topk_logprobs.double(), -1)
+    fkl = (p_K * (p_K.log() - logq.gather(-1, b.teacher_topk_ids))).sum(-1)  # from scratch, float64
+    true = float((fkl * gate)[mask].sum() / gate[mask].sum())
+    mean_of_means = 0.0
+    for groups in ([[0, 1, 2]], [[0], [1, 2]], [[2], [0], [1]]):
+        sums: dict[str, float] = {}
+        for rows in groups:
+            r = torch.tensor(rows)
+            tokens, weights = b.map(lambda x, r=r: x[r]), case.weights.map(lambda x, r=r: x[r])
+            if path == "plain":
+                out = objective(cfg, case.hidden[r] @ case.weight.T, tokens, weights=weights)
+            else:
+                out = fused_objective(cfg, case.hidden[r], case.weight, tokens, weights=weights, chunk_size=4)
+            merge_metrics(sums, out.metrics, out.num_valid)
+            mean_of_means += out.metrics["fkl_high_entropy"] * out.num_valid / float(mask.sum()) if len(groups) == 3 \
+                else 0.0
+        metrics, *_ = reduce_step(sums, tokens=float(mask.sum()), rows=3.0, grad_norm=0.0, reduce_sum=lambda x: x,
+                                  reduce_max=lambda x: x)
+        assert metrics["fkl_high_entropy"] == pytest.approx(true, rel=1e-5), groups
+    assert abs(mean_of_means - true) > 0.2 * true  # the case tells the two rules apart

@@ -6,10 +6,12 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from eopd.losses import PRESETS, ObjectiveConfig, TokenBatch, prepare_weights
+from eopd.losses import PRESETS, ObjectiveConfig, TokenBatch, objective, prepare_weights
 from eopd.losses.fused import FusedOutput, fused_chunk_size, fused_objective, is_sparse, reference_objective
+from eopd.losses.objectives import DIAG_KEYS
 from eopd.losses.scoring import (
     balanced_chunk,
     default_chunk_size,
@@ -190,6 +192,53 @@ def test_topk_tail_sparse_keeps_a_tiny_student_tail_exact() -> None:
     got_loss, got_grad = loss_and_grad(fused_objective, torch.float32, chunk_size=5)
     assert got_loss == pytest.approx(want_loss, rel=1e-5)
     torch.testing.assert_close(got_grad, want_grad, rtol=0.0, atol=1e-6)
+
+
+def gemma_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma 2's final-logit soft-cap as its forward writes it (independent of ``scoring.head_transform_``)."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def capped_reference(cfg, hidden, weight, batch, *, lm_head_bias=None, vocab_size=None, generator=None,
+                     teacher_hidden=None, teacher_weight=None, softcap=None, teacher_softcap=None, tau=None,
+                     diagnostics=False):
+    """The plain path on a soft-capped model's own full logits (student and teacher), then ``objective``."""
+    v = vocab_size or weight.shape[0]
+    logits = gemma_cap(F.linear(hidden, weight[:v], None if lm_head_bias is None else lm_head_bias[:v]), softcap)
+    if teacher_hidden is not None:
+        with torch.no_grad():
+            batch = dataclasses.replace(batch, teacher_logits=gemma_cap(teacher_hidden @ teacher_weight[:v].T,
+                                                                        teacher_softcap))
+    return objective(cfg, logits, batch, tau=tau, generator=generator, diagnostics=diagnostics)
+
+
+def has_diagnostics(out) -> bool:
+    """Whether the output carries the per-term diagnostics (single divergences have none)."""
+    return all(k in out.token_parts for k in DIAG_KEYS)
+
+
+@pytest.mark.parametrize("name", ALL_PRESETS)
+@pytest.mark.parametrize(("dtype", "temperature", "chunk", "tol"), [
+    (torch.float64, 0.8, 5, (1e-9, 1e-11)), (torch.float32, 1.0, 6, (1e-4, 1e-5)),
+])
+def test_every_preset_on_soft_capped_logits_matches_the_models_own_logits(
+    name: str, dtype: torch.dtype, temperature: float, chunk: int, tol: tuple[float, float]
+) -> None:
+    """``softcap`` / ``teacher_softcap`` (Gemma 2): loss, metrics, the per-term logit-gradient diagnostics and
+    the gradients wrt hidden states, lm_head weight and bias equal the plain path on the capped logits (the
+    caps bind: the raw logits reach several times the caps)."""
+    cfg = ObjectiveConfig.preset(name, temperature=temperature)
+    case = make_case(cfg, shape=(3, 7), dtype=dtype, bias=True, pad_rows=2, ratio_noise=0.5, seed=4)
+    with torch.no_grad():
+        raw = case.hidden @ case.weight[: case.vocab_size].T
+    assert float(raw.abs().max()) > 3 * 2.0
+    caps = {"softcap": 2.0, "teacher_softcap": 1.5, "diagnostics": True}
+    ref = run(capped_reference, cfg, case, **caps)
+    fused = run(fused_objective, cfg, case, chunk_size=chunk, **caps)
+    assert_same(ref, fused, rtol=tol[0], atol=tol[1])
+    for key in DIAG_KEYS if has_diagnostics(ref[0]) else ():
+        torch.testing.assert_close(fused[0].token_parts[key].double(), ref[0].token_parts[key].reshape(-1).double(),
+                                   rtol=1e-5, atol=1e-9)  # sparse diagnostics are float32
 
 
 @pytest.mark.parametrize("name", [p for p in ALL_PRESETS if ObjectiveConfig.preset(p).needs_teacher_logits])
@@ -395,12 +444,13 @@ class _LargestOutput(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("name", ["eopd", "opd", "jsd", "mixture"])
-def test_fused_never_allocates_full_logits(name: str) -> None:
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_fused_never_allocates_full_logits(name: str, softcap: float | None) -> None:
     cfg = ObjectiveConfig.preset(name)
     N, H, V, chunk = 120, 6, 64, 8  # N*V = 7680 > V*H, N*H, chunk*V
     case = make_case(cfg, shape=(N,), H=H, V=V, mask_p=0.0)
     kwargs = {"teacher_hidden": case.teacher_hidden, "teacher_weight": case.teacher_weight,
-              "tau": median_entropy(case)}
+              "tau": median_entropy(case), "softcap": softcap, "teacher_softcap": softcap}
     with _LargestOutput() as fused_mode:
         fused_objective(cfg, case.hidden, case.weight, case.batch, chunk_size=chunk, **kwargs).loss.backward()
     with _LargestOutput() as plain_mode:
@@ -415,7 +465,9 @@ def test_fused_never_allocates_full_logits(name: str) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 @pytest.mark.parametrize("chunk", [1, 7, 500])
-def test_score_chunked_matches_full_logits(dtype: torch.dtype, temperature: float, chunk: int) -> None:
+@pytest.mark.parametrize("softcap", [None, 2.5])
+def test_score_chunked_matches_full_logits(dtype: torch.dtype, temperature: float, chunk: int,
+                                           softcap: float | None) -> None:
     g = torch.Generator().manual_seed(5)
     V, pad, H = 53, 4, 10
     hidden = torch.randn(3, 11, H, generator=g, dtype=dtype)
@@ -423,8 +475,9 @@ def test_score_chunked_matches_full_logits(dtype: torch.dtype, temperature: floa
     bias = torch.randn(V + pad, generator=g, dtype=dtype)
     tokens = torch.randint(0, V, (3, 11), generator=g)
     got = score_chunked(hidden, weight, tokens, top_k=6, temperature=temperature, chunk_size=chunk,
-                        vocab_size=V, bias=bias)
-    want = score_from_logits(hidden @ weight[:V].T + bias[:V], tokens, top_k=6, temperature=temperature)
+                        vocab_size=V, bias=bias, softcap=softcap)
+    want = score_from_logits(gemma_cap(hidden @ weight[:V].T + bias[:V], softcap), tokens, top_k=6,
+                             temperature=temperature)
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-11, "atol": 1e-11}
     for a, b in zip(got, want, strict=True):
         assert a.shape == b.shape
@@ -441,6 +494,22 @@ def test_score_chunked_without_tokens_or_topk_and_bf16() -> None:
     got = score_chunked(hidden, weight, chunk_size=6)
     assert got.logp is None and got.topk_ids is None and got.topk_logprobs is None
     torch.testing.assert_close(got.entropy, score_from_logits(hidden @ weight.T).entropy)
+
+
+def test_score_chunked_soft_caps_bf16_logits_in_float32() -> None:
+    """A bf16 soft-capped teacher: the cap is applied to the float32 logits (the learner's ``float32_logits=False``
+    path too: bf16 matmul, then the cap in float32), never to bf16-rounded ones before the upcast."""
+    g = torch.Generator().manual_seed(7)
+    hidden = (torch.randn(20, 16, generator=g) * 4).bfloat16()
+    weight = (torch.randn(70, 16, generator=g) * 2).bfloat16()
+    tokens = torch.randint(0, 70, (20,), generator=g)
+    exact = score_from_logits(gemma_cap(hidden.double() @ weight.double().T, 30.0), tokens, top_k=3)
+    got = score_chunked(hidden, weight, tokens, top_k=3, chunk_size=6, softcap=30.0)
+    torch.testing.assert_close(got.logp.double(), exact.logp, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got.entropy.double(), exact.entropy, rtol=1e-5, atol=1e-5)
+    learner = score_chunked(hidden, weight, tokens, chunk_size=6, softcap=30.0, float32_logits=False)
+    want = score_from_logits(gemma_cap((hidden @ weight.T).float(), 30.0), tokens)
+    torch.testing.assert_close(learner.logp, want.logp, rtol=1e-5, atol=1e-5)
 
 
 def test_score_chunked_computes_bf16_models_logits_in_float32() -> None:

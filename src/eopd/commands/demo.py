@@ -7,14 +7,15 @@ import shlex
 import sys
 from pathlib import Path
 
+from eopd.commands.arguments import CommandParser, count, folder_to_write
 from eopd.config import read_yaml_mapping
-from eopd.demo import DEMO_CONFIG, plan_from_args
+from eopd.demo import DEMO_CONFIG, plan_from_args, split_objectives
 from eopd.world import DEFAULT_WORLD, world_names
 
 
 def parser() -> argparse.ArgumentParser:
-    """The ``eopd demo`` argument parser."""
-    p = argparse.ArgumentParser(prog="eopd demo", description="The embedded default: build an arithmetic world "
+    """The ``eopd demo`` argument parser (every value checked as it is parsed: one line, exit 2)."""
+    p = CommandParser(prog="eopd demo", description="The embedded default: build an arithmetic world "
                                 "here (a multi-path teacher and a base student), distil the base student with "
                                 "several objectives, report.")
     mode = p.add_mutually_exclusive_group()
@@ -23,15 +24,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--world", help=f"the world: {', '.join(world_names())} (default: the demo config's, "
                    f"{DEFAULT_WORLD}), or the path of a world file (docs/worlds.md)")
     p.add_argument("--config", default=str(DEMO_CONFIG), help="demo config (default world, training recipe, modes)")
-    p.add_argument("--output-dir", default="runs/demo", help="where runs, report.md and plots go")
-    p.add_argument("--workers", type=int, default=2, help="runs in parallel (one thread each)")
+    p.add_argument("--output-dir", type=folder_to_write, default="runs/demo", help="where runs, report.md and plots go")
+    p.add_argument("--workers", type=count, default=2, help="runs in parallel (one thread each), >= 1")
     p.add_argument("--objectives", help="comma-separated objectives instead of the mode's; a variant "
                    "PRESET[key=value,...] adds eopd train overrides, e.g. opd,eopd,eopd[loss.alpha=0.25]")
-    p.add_argument("--seeds", type=int, help="number of seeds instead of the mode's")
-    p.add_argument("--steps", type=int, help="steps per run instead of the mode's")
+    p.add_argument("--seeds", type=count, help="number of seeds instead of the mode's, >= 1")
+    p.add_argument("--steps", type=count, help="steps per run instead of the mode's, >= 1")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the training recipe of every run (eopd train keys, e.g. optim.lr=3e-4)")
-    p.add_argument("--cache-dir", help="world cache (default: $EOPD_CACHE or ~/.cache/eopd/world)")
+    p.add_argument("--cache-dir", type=folder_to_write, help="world cache (default: $EOPD_CACHE or "
+                   "~/.cache/eopd/world)")
     return p
 
 
@@ -41,17 +43,17 @@ def main(argv: list[str]) -> int:
 
     p = parser()
     args = p.parse_args(argv)
-    for flag in ("workers", "seeds", "steps"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            p.error(f"--{flag} must be >= 1, got {value}")
+    if args.objectives is not None and not split_objectives(args.objectives):
+        p.error(f"--objectives {args.objectives!r} names no objective; give e.g. opd,eopd (or leave it out for the "
+                "mode's)")
     try:
         config = read_yaml_mapping(args.config, "--config (the demo config)")
         mode = "quick" if args.quick else "full" if args.full else "default"
         plan = plan_from_args(config, mode, args.objectives, args.seeds, args.steps, args.set, args.world)
     except (OSError, ValueError) as e:
         p.error(str(e))
-    run_demo(plan, Path(args.output_dir), workers=args.workers, cache_dir=args.cache_dir,
+    cache_dir = None if args.cache_dir is None else str(args.cache_dir)
+    run_demo(plan, Path(args.output_dir), workers=args.workers, cache_dir=cache_dir,
              command=shlex.join(["eopd", "demo", *argv]))
     return 0
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -24,18 +25,22 @@ from typing import NoReturn
 import torch
 
 from eopd.commands import run_command
+from eopd.commands.arguments import (
+    DTYPE_CHOICES,
+    CommandParser,
+    UsageError,
+    device,
+    folder_to_write,
+    nonempty,
+    seed,
+)
 from eopd.comparison import compare_results, load_results
-from eopd.errors import UserError
 from eopd.evaluation import DEFAULT_MAX_NEW_TOKENS, MathGrading, evaluate_problems, write_results
 from eopd.tasks.benchmarks import PAPER_BENCHMARKS, PROMPT_SUFFIX
 
 
-class UsageError(UserError):
-    """A command-line argument is wrong; the message names the flag and the accepted values."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one ``UsageError`` line (no usage dump)."""
+class _Parser(CommandParser):
+    """argparse whose errors are one ``UsageError`` line, printed by ``run_command`` (exit 2, no usage dump)."""
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see eopd eval --help)")
@@ -47,8 +52,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Avg@n and unbiased pass@k of a checkpoint on math benchmarks (paper protocol by default), "
         "or --compare two results.json files.",
     )
-    p.add_argument("--model", help="checkpoint folder or Hub id (owner/name)")
-    p.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: --model)")
+    p.add_argument("--model", type=nonempty, help="checkpoint folder or Hub id (owner/name)")
+    p.add_argument("--tokenizer", type=nonempty, help="tokenizer folder or Hub id (default: --model)")
     p.add_argument(
         "--benchmarks",
         default="paper",
@@ -61,12 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, > 0")
     p.add_argument("--top-p", type=float, default=0.8, help="nucleus mass, in (0, 1] (1: the whole vocabulary)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0, help="sampling seed, >= 0")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per sampling call (hf backend)")
-    p.add_argument("--output-dir", help="where results.json / results.md go (default: runs/eval/<model name>)")
+    p.add_argument("--output-dir", type=folder_to_write,
+                   help="where results.json / results.md go (default: runs/eval/<model name>)")
     p.add_argument("--backend", choices=("hf", "vllm"), default="hf")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--device", type=device, default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--chat-template", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--grade-timeout", type=int, default=5, help="math-verify seconds per step")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="compare two runs side by side")
@@ -107,6 +113,8 @@ def check_args(args: argparse.Namespace) -> None:
                         ("--batch-size", args.batch_size), ("--grade-timeout", args.grade_timeout)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
+    if math.isinf(args.temperature):
+        raise UsageError(f"--temperature must be a finite number > 0, got {args.temperature}")
     if not args.temperature > 0:
         raise UsageError(f"--temperature must be > 0 (sampling divides the logits by it), got {args.temperature}")
     if not 0 < args.top_p <= 1:
@@ -115,6 +123,18 @@ def check_args(args: argparse.Namespace) -> None:
         problem = missing_local_folder(flag, spec) if spec else None
         if problem:
             raise UsageError(problem)
+    try:  # the default folder too: found only when the results are written, it would lose the whole run
+        folder_to_write(str(output_dir(args)))
+    except argparse.ArgumentTypeError as err:
+        raise UsageError(f"--output-dir {err}") from None
+    if not benchmark_list(args.benchmarks):
+        raise UsageError(f"--benchmarks {args.benchmarks!r} names no benchmark; give e.g. paper, math500,aime24 or a "
+                         "file")
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    """``--output-dir``, or ``runs/eval/<model name>``."""
+    return Path(args.output_dir or Path("runs") / "eval" / Path(str(args.model).rstrip("/")).name)
 
 
 def benchmark_list(spec: str) -> list[str]:
@@ -172,7 +192,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         seconds=round(time.time() - start, 1),
     )
-    out_dir = Path(args.output_dir or Path("runs") / "eval" / Path(str(args.model).rstrip("/")).name)
+    out_dir = output_dir(args)
     json_path, md_path = write_results(result, out_dir)
     print(md_path.read_text(encoding="utf-8"))
     print(f"wrote {json_path} and {md_path}")

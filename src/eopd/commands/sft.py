@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from eopd.commands import run_command
+from eopd.commands.arguments import CommandParser, UsageError, count, folder_to_write, real, seed
 from eopd.config import ConfigError
 from eopd.folders import atomic_folder, save_model_folder
 from eopd.sft import SFTConfig, train_sft
@@ -45,26 +46,41 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="eopd sft",
         description="Supervised training of a small causal LM (a tiny Qwen3 with a character tokenizer) from "
         "scratch on (prompt, completion) traces. The loss covers the completion and its EOS only.",
     )
     p.add_argument("--data", type=Path, required=True, help='JSONL, one {"prompt": ..., "completion": ...} per line')
-    p.add_argument("--output-dir", type=Path, required=True,
+    p.add_argument("--output-dir", type=folder_to_write, required=True,
                    help="the model folder to write (save_pretrained); it must not exist yet")
-    p.add_argument("--steps", type=int, help="optimizer steps (default 1000; warmup shrinks to fit)")
-    p.add_argument("--batch-size", type=int, help="examples per step (default 64)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
-    p.add_argument("--seed", type=int, help="batch-order and initialisation seed (default 0)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own setting)")
-    g = p.add_argument_group("model size (a tiny Qwen3)")
-    g.add_argument("--hidden-size", type=int, default=96)
-    g.add_argument("--layers", type=int, default=3)
-    g.add_argument("--heads", type=int, default=4)
-    g.add_argument("--kv-heads", type=int, default=2)
-    g.add_argument("--intermediate-size", type=int, default=288)
+    p.add_argument("--steps", type=count, help="optimizer steps (default 1000; warmup shrinks to fit)")
+    p.add_argument("--batch-size", type=count, help="examples per step (default 64)")
+    p.add_argument("--lr", type=real(0), help="peak learning rate, > 0 (default 3e-3)")
+    p.add_argument("--seed", type=seed, help="batch-order and initialisation seed, >= 0 (default 0)")
+    p.add_argument("--threads", type=count, default=None, help="torch threads (default: torch's own setting)")
+    g = p.add_argument_group("model size (a tiny Qwen3; head size = hidden size / heads, even)")
+    g.add_argument("--hidden-size", type=count, default=96)
+    g.add_argument("--layers", type=count, default=3)
+    g.add_argument("--heads", type=count, default=4)
+    g.add_argument("--kv-heads", type=count, default=2, help="key/value heads, dividing --heads")
+    g.add_argument("--intermediate-size", type=count, default=288)
     return p
+
+
+def check_model_size(args: argparse.Namespace) -> None:
+    """The shape rules of a Qwen3 (otherwise a traceback from inside the first forward).
+
+    Raises:
+        UsageError: heads that do not divide the width, an odd head size (rotary embeddings halve it), or
+            key/value heads that do not divide the heads.
+    """
+    if args.hidden_size % args.heads or (args.hidden_size // args.heads) % 2:
+        raise UsageError(f"--hidden-size {args.hidden_size} / --heads {args.heads} must be a whole, even head size "
+                         "(rotary embeddings split each head in halves), e.g. --hidden-size 96 --heads 4")
+    if args.heads % args.kv_heads:
+        raise UsageError(f"--kv-heads {args.kv_heads} must divide --heads {args.heads} (each key/value head serves "
+                         "a group of query heads)")
 
 
 def with_overrides(cfg: SFTConfig, args: argparse.Namespace) -> SFTConfig:
@@ -86,6 +102,7 @@ def _run(args: argparse.Namespace) -> int:
     from eopd.models import build_tiny_qwen3
     from eopd.tokenizer import alphabet_of, build_char_tokenizer
 
+    check_model_size(args)
     cfg = with_overrides(SFTConfig(), args)
     examples = read_pairs(args.data)
     try:
@@ -111,6 +128,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """Run ``eopd sft``; returns the exit code (2 on bad input, 130 when interrupted)."""
+    """Run ``eopd sft``; returns the exit code (2 on bad input, 130 when interrupted).
+
+    Every value is checked before the data is read.
+    """
     args = _parser().parse_args(argv)
     return run_command("eopd sft", lambda: _run(args))

@@ -11,6 +11,7 @@ import typing
 from pathlib import Path
 
 from eopd.commands import run_command
+from eopd.commands.arguments import CommandParser
 from eopd.config import TrainConfig, load_config
 
 
@@ -31,7 +32,7 @@ def config_help(cls: type = TrainConfig, prefix: str = "") -> list[str]:
 
 def parser() -> argparse.ArgumentParser:
     """The ``eopd train`` argument parser."""
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="eopd train", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="On-policy distillation of a student from a teacher.",
         epilog="config keys (override with key=value, dotted for nested fields):\n" + "\n".join(config_help()),

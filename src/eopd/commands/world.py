@@ -27,13 +27,14 @@ from typing import Any
 import torch
 
 from eopd.commands import run_command
+from eopd.commands.arguments import CommandParser, count, folder_to_write, integer, real, seed
 from eopd.commands.sft import print_step, with_overrides
 from eopd.config import read_yaml_mapping
 from eopd.folders import atomic_folder
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="eopd world",
         description="Build an embedded arithmetic world (a registered --world, or eopd.world.WorldConfig "
         "changed by --config): both models into the cache, or one --role into --output-dir; then measure them.",
@@ -42,18 +43,19 @@ def _parser() -> argparse.ArgumentParser:
                    "capability-gap) or the path of a world file; not with --config")
     p.add_argument("--role", choices=["teacher", "student"],
                    help="build only this role, into --output-dir (default: both, into the cache)")
-    p.add_argument("--output-dir", type=Path, help="--role: the model folder to write; it must not exist yet")
+    p.add_argument("--output-dir", type=folder_to_write,
+                   help="--role: the model folder to write; it must not exist yet")
     p.add_argument("--config", type=Path,
                    help="YAML/JSON world config: a mapping, or one with a 'world' key (the demo config, a model's "
                    "eopd_world.json); keys it omits keep their defaults")
-    p.add_argument("--cache-dir", type=Path, help="without --role: cache root (default $EOPD_CACHE or "
+    p.add_argument("--cache-dir", type=folder_to_write, help="without --role: cache root (default $EOPD_CACHE or "
                    "~/.cache/eopd/world)")
-    p.add_argument("--steps", type=int, help="--role: override the optimizer steps (warmup shrinks to fit)")
-    p.add_argument("--batch-size", type=int, help="--role: override the batch size")
-    p.add_argument("--lr", type=float, help="--role: override the peak learning rate")
-    p.add_argument("--seed", type=int, help="--role: override the batch-order seed")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own setting)")
-    p.add_argument("--eval-problems", type=int, default=200,
+    p.add_argument("--steps", type=count, help="--role: override the optimizer steps, >= 1 (warmup shrinks to fit)")
+    p.add_argument("--batch-size", type=count, help="--role: override the batch size, >= 1")
+    p.add_argument("--lr", type=real(0), help="--role: override the peak learning rate, > 0")
+    p.add_argument("--seed", type=seed, help="--role: override the batch-order seed, >= 0")
+    p.add_argument("--threads", type=count, default=None, help="torch threads, >= 1 (default: torch's own setting)")
+    p.add_argument("--eval-problems", type=integer(low=0), default=200,
                    help="held-out test prompts to measure after building, 8 samples each (0 skips)")
     return p
 
@@ -81,8 +83,6 @@ def load_world_config(path: Path | None, name: str | None = None) -> Any:
 def _check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if args.world is not None and args.config is not None:
         parser.error("give --world (a registered world) or --config (a world config file), not both")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
     budget = any(v is not None for v in (args.steps, args.batch_size, args.lr, args.seed))
     if args.role is None and budget:
         parser.error("without --role the per-role budgets come from --config, not --steps/--batch-size/--lr/"

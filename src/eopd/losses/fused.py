@@ -34,6 +34,11 @@ Two per-chunk kernels produce ``G_CV``:
   the chunk's logits under autograd, with the teacher's chunk of logits recomputed from its hidden states
   (or gathered from precomputed teacher logits). Several ``[C, V]`` temporaries, so smaller chunks.
 
+Soft-capped logits (Gemma 2's ``final_logit_softcapping``; ``softcap=`` / ``teacher_softcap=``): each chunk's
+logits are ``scoring.head_transform_`` of the lm_head output, the loss and ``G`` are those of the capped logits
+(so the diagnostics too, as on the plain path), and ``G`` is multiplied by the cap's slope ``1 - tanh^2`` before
+matmuls 2 and 3 (sparse: inside the same pass that writes ``G``; generic: after the chunk's autograd).
+
 Positions with ``mask == 0`` are dropped before any matmul (their loss and gradient are exactly 0).
 The plain path (``reference_objective``) stays for reference and tests.
 """
@@ -68,10 +73,12 @@ from eopd.losses.scoring import (
     balanced_chunk,
     default_chunk_size,
     float_buffer_needed,
+    head_transform_,
     scaled_float_logits,
     scaled_softmax_,
     score_chunked,
     scratch_buffer,
+    softcap_slope_,
     softmax_stats,
     used_weight,
 )
@@ -113,6 +120,7 @@ class _Plan:
     ``batch``, ``weights`` and ``teacher_hidden`` hold the valid rows only; precomputed ``[N, V]``
     ``teacher_logits`` stay whole and are gathered per chunk through ``row_index`` (valid row -> position;
     ``None`` when every position is valid). ``parts`` and ``teacher_entropy`` are filled by the forward.
+    ``softcap`` / ``teacher_softcap``: the models' final-logit soft-caps (``scoring.head_transform_``) or ``None``.
     """
 
     cfg: ObjectiveConfig
@@ -129,6 +137,13 @@ class _Plan:
     parts: dict[str, Tensor] = field(default_factory=dict)
     teacher_entropy: Tensor | None = None
     diagnostics: bool = False
+    softcap: float | None = None
+    teacher_softcap: float | None = None
+
+    @property
+    def slope_scale(self) -> float | None:
+        """``temperature / softcap``: the soft-cap's slope at ``z = capped / T`` is ``1 - (z * this)^2``."""
+        return None if self.softcap is None else self.cfg.temperature / self.softcap
 
     @property
     def part_keys(self) -> tuple[str, ...]:
@@ -210,7 +225,7 @@ def _tail_logsumexp(z_CV: Tensor, topk_ids_CK: Tensor, tmp_CB: Tensor) -> Tensor
 
 def _tail_gradient(
     z_CV: Tensor, ids_CK: Tensor, z_ids_CK: Tensor, lse_C: Tensor, lse_rest_C: Tensor, g_CK: Tensor,
-    g_tail_C: Tensor, temperature: float,
+    g_tail_C: Tensor, temperature: float, slope_scale: float | None = None, tmp_CB: Tensor | None = None,
 ) -> Tensor:
     """``d loss / d logits`` of a sparse chunk whose loss also reads ``log q_tail``; overwrites ``z``, ``[C, V]``.
 
@@ -236,6 +251,8 @@ def _tail_gradient(
         g_CK: ``[C, 1 + K]`` loss gradient at ``log q(ids)``.
         g_tail_C: ``[C]`` loss gradient at ``log q_tail`` (``<= 0``).
         temperature: ``T``.
+        slope_scale: ``T / softcap`` for soft-capped logits: every entry gets the cap's slope (``softcap_slope_``).
+        tmp_CB: ``[>= C, B]`` scratch block (with ``slope_scale``).
     """
     a_C = -(g_CK.sum(1) + g_tail_C)
     has_tail_C = ~torch.isneginf(lse_rest_C) & (g_tail_C != 0)
@@ -243,10 +260,14 @@ def _tail_gradient(
     c_C = a_C.double() + torch.where(has_tail_C, g_tail_C.double() * inv_tail_C, 0.0)
     # q_v c / T = sign(c) exp(z_v - (lse + log T - log|c|)); c = 0 gives shift +inf, i.e. exactly 0
     shift_C = (lse_C.double() + math.log(temperature) - c_C.abs().log()).to(z_CV.dtype)
-    grad_CV = scaled_softmax_(z_CV, shift_C, c_C.sign().to(z_CV.dtype))
-    q_topk_CK = (z_ids_CK[:, 1:] - lse_C.unsqueeze(1)).exp()
-    grad_CV.scatter_(1, ids_CK[:, 1:], q_topk_CK * (a_C / temperature).unsqueeze(1))
-    return grad_CV.scatter_add_(1, ids_CK, g_CK / temperature)
+    grad_CV = scaled_softmax_(z_CV, shift_C, c_C.sign().to(z_CV.dtype), slope_scale=slope_scale, tmp_CB=tmp_CB)
+    set_CK = (z_ids_CK[:, 1:] - lse_C.unsqueeze(1)).exp() * (a_C / temperature).unsqueeze(1)
+    add_CK = g_CK / temperature
+    if slope_scale is not None:
+        slope_CK = softcap_slope_(z_ids_CK, slope_scale)
+        set_CK, add_CK = set_CK * slope_CK[:, 1:], add_CK * slope_CK
+    grad_CV.scatter_(1, ids_CK[:, 1:], set_CK)
+    return grad_CV.scatter_add_(1, ids_CK, add_CK)
 
 
 def _sparse_chunk(
@@ -259,7 +280,7 @@ def _sparse_chunk(
     weights_c = plan.weights.map(lambda x: x[rows])
     ids_CK = ids_NK[rows]
     assert bufs.tmp is not None
-    z_CV = scaled_float_logits(h_CH, weight_VH, bias_V, t, bufs.logits, bufs.float)
+    z_CV = scaled_float_logits(h_CH, weight_VH, bias_V, t, bufs.logits, bufs.float, plan.softcap)
     z_ids_CK = z_CV.gather(1, ids_CK)
     stats = softmax_stats(z_CV, bufs.tmp)
     lse_rest_C = _tail_logsumexp(z_CV, ids_CK[:, 1:], bufs.tmp) if cfg.fkl == "topk_tail" else None
@@ -281,13 +302,15 @@ def _sparse_chunk(
                           bufs.tmp) if plan.diagnostics and not in_pass else None
     grad_CV = None
     if need_grad and logq_tail_C is not None:
-        grad_CV = _tail_gradient(z_CV, ids_CK, z_ids_CK, stats.lse, lse_rest_C, g_terms[0] + g_terms[1], g_terms[2], t)
+        grad_CV = _tail_gradient(z_CV, ids_CK, z_ids_CK, stats.lse, lse_rest_C, g_terms[0] + g_terms[1], g_terms[2], t,
+                                 plan.slope_scale, bufs.tmp)
     elif need_grad:
         # d loss / d z = scatter(g) - softmax(z) * sum(g), softmax(z) = exp(z - m) / S; d z / d logits = 1 / T.
         g_CK = g_terms[0] + g_terms[1]
         coef_C = g_CK.sum(1).div_(stats.sum_exp).neg_().div_(t)
         sum_sq_C = torch.zeros_like(coef_C) if in_pass else None
-        grad_CV = _sparse_gradient(z_CV, ids_CK, z_ids_CK, stats.row_max, coef_C, g_CK.div_(t), sum_sq_C)
+        grad_CV = _sparse_gradient(z_CV, ids_CK, z_ids_CK, stats.row_max, coef_C, g_CK.div_(t), sum_sq_C,
+                                   plan.slope_scale, bufs.tmp)
         if sum_sq_C is not None:  # sum_{v not read} exp(2 (z_v - m)) -> sum q_v^2 (q = exp(z - m) / S)
             rest_C = sum_sq_C.double() / stats.sum_exp.double().square()
     mask_C = batch_c.mask.bool()
@@ -305,7 +328,7 @@ def _sparse_chunk(
 
 def _sparse_gradient(
     z_CV: Tensor, ids_CK: Tensor, z_ids_CK: Tensor, row_max_C: Tensor, coef_C: Tensor, g_CK: Tensor,
-    sum_sq_C: Tensor | None = None,
+    sum_sq_C: Tensor | None = None, slope_scale: float | None = None, tmp_CB: Tensor | None = None,
 ) -> Tensor:
     """``coef * exp(z - m) + scatter(g)``, overwriting ``z``, ``[C, V]``.
 
@@ -319,10 +342,16 @@ def _sparse_gradient(
         ids_CK: ``[C, P]`` the read ids; ``z_ids_CK``: ``z`` there, saved before.
         row_max_C: ``[C]`` ``m``; ``coef_C``: ``[C]`` the dense row scale; ``g_CK``: ``[C, P]`` the sparse part.
         sum_sq_C: ``[C]`` accumulator for the diagnostics, or ``None``.
+        slope_scale: ``T / softcap`` for soft-capped logits: every entry gets the cap's slope (``softcap_slope_``;
+            0 at the ``-inf`` placeholders, whose value is set afterwards); ``tmp_CB``: its scratch block.
     """
     z_CV.scatter_(1, ids_CK, float("-inf"))
-    grad_CV = scaled_softmax_(z_CV, row_max_C, coef_C, sum_sq_C=sum_sq_C)
-    grad_CV.scatter_(1, ids_CK, (z_ids_CK - row_max_C.unsqueeze(1)).exp_().mul_(coef_C.unsqueeze(1)))
+    grad_CV = scaled_softmax_(z_CV, row_max_C, coef_C, sum_sq_C=sum_sq_C, slope_scale=slope_scale, tmp_CB=tmp_CB)
+    dense_CK = (z_ids_CK - row_max_C.unsqueeze(1)).exp_().mul_(coef_C.unsqueeze(1))
+    if slope_scale is not None:
+        slope_CK = softcap_slope_(z_ids_CK, slope_scale)
+        dense_CK, g_CK = dense_CK.mul_(slope_CK), g_CK * slope_CK
+    grad_CV.scatter_(1, ids_CK, dense_CK)
     return grad_CV.scatter_add_(1, ids_CK, g_CK)
 
 
@@ -444,6 +473,8 @@ def _teacher_chunk(plan: _Plan, batch_c: TokenBatch, rows: slice, bufs: _Buffers
         logits = torch.mm(th, plan.teacher_weight.T, out=out)
     else:
         logits = torch.addmm(plan.teacher_bias, th, plan.teacher_weight.T, out=out)
+    if plan.teacher_softcap is not None:  # the cap in float32 (a copy only for a low-precision teacher)
+        logits = head_transform_(D.upcast(logits), plan.teacher_softcap)
     return dataclasses.replace(batch_c, teacher_logits=logits)
 
 
@@ -460,12 +491,15 @@ def _generic_chunk(
         logits = torch.mm(h_CH, weight_VH.T, out=logits_buf)
     else:
         logits = torch.addmm(bias_V, h_CH, weight_VH.T, out=logits_buf)
-    leaf = D.upcast(logits).detach().requires_grad_(True)
+    # the leaf is the model's logits (capped): the loss and diagnostics are theirs; the cap's slope follows
+    leaf = head_transform_(D.upcast(logits), plan.softcap).detach().requires_grad_(True)
     with torch.enable_grad():
         parts = token_losses(cfg, leaf, batch_c, weights_c)
         # two more backward passes through the loss (two [C, V] gradients alive at once), before the loss's own
         diag = logit_grad_parts(parts, leaf) if plan.diagnostics else {}
         grad_CV = _grad_wrt(parts["loss"], leaf, 1.0 / plan.denom) if need_grad else None
+    if grad_CV is not None and plan.softcap is not None:
+        grad_CV.mul_(softcap_slope_(leaf.detach(), 1.0 / plan.softcap))
     if plan.teacher_entropy is not None and batch_c.teacher_logits is not None:
         with torch.no_grad():
             plan.teacher_entropy[rows] = D.entropy(batch_c.teacher_logits, cfg.temperature)
@@ -565,7 +599,7 @@ def _flatten(batch: TokenBatch, lead: int) -> TokenBatch:
 
 def _fill_teacher_entropy(
     cfg: ObjectiveConfig, batch: TokenBatch, teacher_hidden: Tensor | None, teacher_weight: Tensor | None,
-    teacher_bias: Tensor | None, vocab_size: int | None, chunk: int,
+    teacher_bias: Tensor | None, vocab_size: int | None, chunk: int, teacher_softcap: float | None = None,
 ) -> TokenBatch:
     """Teacher entropy for ``prepare_weights`` without an ``[N, V]`` tensor (only when it is needed)."""
     if cfg.divergence is not None or batch.teacher_entropy is not None:
@@ -576,7 +610,7 @@ def _fill_teacher_entropy(
     if teacher_hidden is None or teacher_weight is None:
         return batch  # prepare_weights raises its own error
     scores = score_chunked(teacher_hidden, teacher_weight, temperature=cfg.temperature, chunk_size=chunk,
-                           vocab_size=vocab_size, bias=teacher_bias)
+                           vocab_size=vocab_size, bias=teacher_bias, softcap=teacher_softcap)
     return dataclasses.replace(batch, teacher_entropy=scores.entropy)
 
 
@@ -629,8 +663,10 @@ def fused_objective(
     teacher_bias: Tensor | None = None,
     chunk_size: int | None = None,
     diagnostics: bool = False,
+    softcap: float | None = None,
+    teacher_softcap: float | None = None,
 ) -> FusedOutput:
-    """``objective(cfg, hidden @ W.T + b, batch)`` with the lm_head fused in and no ``[N, V]`` tensor.
+    """``objective(cfg, cap(hidden @ W.T + b), batch)`` with the lm_head fused in and no ``[N, V]`` tensor.
 
     Same loss, gradients (wrt ``hidden``, ``lm_head_weight`` and ``lm_head_bias``) and metrics as
     ``reference_objective`` to float32 rounding, for every preset. Tied embeddings work as is: pass the
@@ -659,6 +695,9 @@ def fused_objective(
             sparse presets in closed form (one more read of each chunk's logits), the others by two more
             backward passes through the chunk's loss (two more ``[chunk, V]`` tensors at the peak). The
             training gradients are bit-identical either way. Single divergences have no split and get none.
+        softcap: The student's final-logit soft-cap (``scoring.head_transform_``; Gemma 2), or ``None``: the
+            loss, metrics and diagnostics are those of the capped logits, the gradients reach the raw lm_head.
+        teacher_softcap: The teacher's, for the logits recomputed from ``teacher_hidden``.
 
     Returns:
         ``FusedOutput`` (``loss``, ``loss_sum`` carry gradient; ``metrics`` as ``summarize``).
@@ -674,7 +713,7 @@ def fused_objective(
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk}")
     if weights is None:
-        batch_N = _fill_teacher_entropy(cfg, batch_N, teacher_NH, t_weight, t_bias, None, chunk)
+        batch_N = _fill_teacher_entropy(cfg, batch_N, teacher_NH, t_weight, t_bias, None, chunk, teacher_softcap)
         weights_N = prepare_weights(cfg, batch_N, tau=tau, generator=generator)
     else:
         weights_N = weights.map(lambda x: x.reshape(-1))
@@ -697,6 +736,7 @@ def fused_objective(
         denom, teacher_hidden=None if teacher_NH is None or teacher_logits is not None else rows(teacher_NH),
         teacher_weight=t_weight, teacher_bias=t_bias, teacher_logits=teacher_logits,
         row_index=None if all_valid else idx, diagnostics=diagnostics and has_term_split(cfg),
+        softcap=softcap, teacher_softcap=teacher_softcap,
     )
     if batch_N.teacher_entropy is None and (teacher_logits is not None or plan.teacher_hidden is not None):
         plan.teacher_entropy = torch.zeros(num_valid, dtype=torch.float32, device=hidden.device)
@@ -732,13 +772,16 @@ def reference_objective(
     teacher_weight: Tensor | None = None,
     teacher_bias: Tensor | None = None,
     diagnostics: bool = False,
+    softcap: float | None = None,
+    teacher_softcap: float | None = None,
 ) -> ObjectiveOutput:
     """The plain path with ``fused_objective``'s signature: full ``[..., V]`` logits, then ``objective``."""
     weight, bias = used_weight(lm_head_weight, lm_head_bias, vocab_size)
-    logits = F.linear(hidden, weight, bias)
+    logits = head_transform_(F.linear(hidden, weight, bias), softcap, inplace=False)
     if teacher_hidden is not None and teacher_weight is not None and batch.teacher_logits is None:
         t_weight, t_bias = _teacher_weight_rows(lm_head_weight, teacher_weight, teacher_bias, vocab_size)
         with torch.no_grad():
-            batch = dataclasses.replace(batch, teacher_logits=F.linear(teacher_hidden, t_weight, t_bias))
+            t_logits = head_transform_(F.linear(teacher_hidden, t_weight, t_bias), teacher_softcap)
+            batch = dataclasses.replace(batch, teacher_logits=t_logits)
     return objective(cfg, logits, batch, tau=tau, generator=generator, normalizer=normalizer, weights=weights,
                      diagnostics=diagnostics)

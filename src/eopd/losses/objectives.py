@@ -33,6 +33,10 @@ from eopd.losses.weights import SCHEDULES, entropy_quantile, entropy_weight
 
 Tensor = torch.Tensor
 
+#: Prefix of metric sums finished only after the sum over micro-batches and processes (``eopd.step_metrics``):
+#: a ratio such as ``fkl_high_entropy`` is reported as its numerator and denominator under this prefix.
+RAW = "raw/"
+
 RKL_KINDS = ("ppo", "exact", "none")
 FKL_KINDS = ("topk", "topk_tail", "exact", "importance", "none")
 DIVERGENCES = ("jsd", "skew_fkl", "skew_rkl", "akl", "todi", "tvd")
@@ -219,7 +223,8 @@ class ObjectiveOutput:
         loss: ``loss_sum / normalizer`` (0-d, carries gradient).
         loss_sum: Sum of per-token losses over valid tokens.
         num_valid: Number of valid tokens in this call.
-        metrics: Diagnostics, means over valid tokens (floats).
+        metrics: Diagnostics (``summarize``): means over valid tokens, and the ``raw/`` sums a step of several
+            calls finishes ``fkl_high_entropy`` from (floats).
         token_parts: Per-position parts, detached, 0 at masked positions: ``"loss"``, ``"rkl"``, ``"fkl"``,
             ``"student_entropy"``, ``"logq"`` (``[...]`` on full logits, flat ``[N]`` on the fused path) and,
             with ``diagnostics=True``, the logit-gradient parts of ``logit_grad_parts`` (``DIAG_KEYS``).
@@ -500,8 +505,10 @@ def summarize(
     Keys: ``loss``, ``loss_rkl`` and ``loss_fkl`` (the weighted parts per valid token), ``rkl`` and ``fkl``
     (unweighted terms), ``gated_share``, ``tau``, ``student_entropy``, ``teacher_entropy`` (when known),
     ``rkl_estimate`` (sampled k1 estimate of KL(q_old || p_T), when sampled log-probs are given),
-    ``fkl_high_entropy`` (the FKL term averaged over gated tokens) and, for objectives that read ``logp_old``,
-    the PPO ratio statistics of ``ratio_metrics``.
+    ``fkl_high_entropy`` (the FKL term averaged over gated tokens: its denominator is not the valid tokens, so
+    it also comes as its two sums ``raw/fkl_high_entropy/sum`` and ``/gated``, from which a step made of
+    several calls and processes finishes it: ``eopd.step_metrics``) and, for objectives that read
+    ``logp_old``, the PPO ratio statistics of ``ratio_metrics``.
     """
     with torch.no_grad():
         mask = batch.mask.bool()
@@ -528,8 +535,10 @@ def summarize(
             out["rkl_estimate"] = mean(batch.logp_old - batch.teacher_logp)
         if "logq" in parts and batch.logp_old is not None and cfg.needs_logp_old:
             out.update(ratio_metrics(parts["logq"], batch.logp_old, mask, cfg.clip_eps))
-        gated = float((weights.gate * mask).sum())
-        out["fkl_high_entropy"] = float((parts["fkl"] * weights.gate).sum() / gated) if gated > 0 else 0.0
+        gated_sum = float(torch.where(mask, D.upcast(parts["fkl"] * weights.gate), 0.0).sum())
+        gated = float(torch.where(mask, D.upcast(weights.gate), 0.0).sum())
+        out["fkl_high_entropy"] = gated_sum / gated if gated > 0 else 0.0
+        out.update({f"{RAW}fkl_high_entropy/sum": gated_sum, f"{RAW}fkl_high_entropy/gated": gated})
     return out
 
 

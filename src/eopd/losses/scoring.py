@@ -16,8 +16,14 @@ is formed one block of columns at a time)::
 Logits are assumed finite (what a linear layer produces); rows of a padded lm_head beyond the tokenizer's
 vocabulary are excluded with ``vocab_size`` instead of being masked with ``-inf``.
 
-The helpers (``scaled_float_logits``, ``softmax_stats``, ``scaled_softmax_``, ``balanced_chunk``) are shared
-with the fused student loss (``fused.py``).
+A model whose logits are not the plain lm_head output but a transform of it gets that transform here, in
+``head_transform_``, the one helper every path (teacher scorer, fused loss, learner log-probs, reference)
+calls: Gemma 2's final-logit soft-cap ``softcap * tanh(logits / softcap)``, applied to the float32 logits
+before the temperature (``softcap=None``: plain logits). The package imports only torch, so the caller
+passes the model's ``softcap`` in (``eopd.head.output_head`` reads it from the model's config).
+
+The helpers (``scaled_float_logits``, ``softmax_stats``, ``scaled_softmax_``, ``balanced_chunk``,
+``head_transform_``, ``softcap_slope_``) are shared with the fused student loss (``fused.py``).
 """
 
 from __future__ import annotations
@@ -135,6 +141,37 @@ def chunk_logits(
     return torch.addmm(bias_V, hidden_CH, weight_VH.T, beta=scale, alpha=scale, out=out)
 
 
+def head_transform_(logits: Tensor, softcap: float | None, *, inplace: bool = True) -> Tensor:
+    """The model's own transform of its lm_head output: ``softcap * tanh(logits / softcap)``, or ``logits``.
+
+    Gemma 2's ``final_logit_softcapping`` (the same three operations in the same order as its forward, so a
+    float32 model's logits are reproduced to the last bit). Every path that builds logits from hidden states
+    calls this, before the temperature; ``eopd.head.check_output_head`` verifies at start that the result is
+    the model's own logits.
+
+    Args:
+        logits: ``[..., V]`` lm_head output (float32 or float64 for the loss math).
+        softcap: The cap (> 0), or ``None`` for no transform.
+        inplace: Overwrite ``logits`` (a reused buffer); False under autograd (``tanh_`` saves its output).
+    """
+    if softcap is None:
+        return logits
+    if inplace:
+        return logits.div_(softcap).tanh_().mul_(softcap)
+    return torch.tanh(logits / softcap) * softcap
+
+
+def softcap_slope_(capped: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
+    """``d head_transform_(l) / d l = 1 - tanh(l / softcap)^2``, from the capped logits, ``[..., V]``.
+
+    With ``t = scale * capped`` (``scale = 1 / softcap`` for capped logits, ``temperature / softcap`` for
+    ``z = capped / temperature``) the slope is ``1 - t^2``. ``t^2`` is clamped at 1 (``|tanh| <= 1``), so a
+    ``-inf`` placeholder gives slope 0, not ``-inf``. Written into ``out`` when given (a scratch block).
+    """
+    t = torch.mul(capped, scale, out=out) if out is not None else capped * scale
+    return t.square_().clamp_max_(1.0).neg_().add_(1.0)
+
+
 def scaled_float_logits(
     hidden_CH: Tensor,
     weight_VH: Tensor,
@@ -142,11 +179,12 @@ def scaled_float_logits(
     temperature: float,
     logits_buf: Tensor,
     float_buf: Tensor | None,
+    softcap: float | None = None,
 ) -> Tensor:
-    """``z = (hidden @ weight.T + bias) / temperature`` in float32 (or float64), in reused buffers.
+    """``z = head_transform(hidden @ weight.T + bias) / temperature`` in float32 (or float64), in reused buffers.
 
     The matmul runs in the hidden states' dtype; a low-precision result is upcast into ``float_buf``
-    (the temperature division then happens in float32, as in ``divergences.log_probs``).
+    (the soft-cap and the temperature division then happen in float32, as in ``divergences.log_probs``).
 
     Args:
         hidden_CH: ``[C, H]``.
@@ -155,15 +193,16 @@ def scaled_float_logits(
         temperature: Divides the logits (> 0).
         logits_buf: ``[>= C, V]`` buffer of the matmul dtype.
         float_buf: ``[>= C, V]`` float32 buffer, required when the matmul dtype is not float32/float64.
+        softcap: The model's final-logit soft-cap (``head_transform_``), or ``None``.
 
     Returns:
         ``[C, V]`` ``z`` (a view of one of the buffers).
     """
     c = hidden_CH.shape[0]
-    if float_buf is None:
+    if float_buf is None and softcap is None:
         return chunk_logits(hidden_CH, weight_VH, bias_V, logits_buf, scale=1.0 / temperature)
     logits = chunk_logits(hidden_CH, weight_VH, bias_V, logits_buf)
-    z = float_buf[:c].copy_(logits)
+    z = head_transform_(logits if float_buf is None else float_buf[:c].copy_(logits), softcap)
     return z if temperature == 1.0 else z.div_(temperature)
 
 
@@ -215,29 +254,44 @@ def softmax_stats(z_CV: Tensor, tmp_CB: Tensor) -> SoftmaxStats:
 
 
 def scaled_softmax_(
-    z_CV: Tensor, row_max_C: Tensor, scale_C: Tensor, width: int = 2048, sum_sq_C: Tensor | None = None
+    z_CV: Tensor, row_max_C: Tensor, scale_C: Tensor, width: int = 2048, sum_sq_C: Tensor | None = None,
+    slope_scale: float | None = None, tmp_CB: Tensor | None = None,
 ) -> Tensor:
     """``z <- scale * exp(z - row_max)`` in place, a cache-sized block of columns at a time.
 
     The three elementwise steps run on a block while it is in cache, so ``z`` is read and written once.
+    With ``slope_scale`` each entry is also multiplied by the soft-cap's chain-rule factor at ``z`` (read
+    into ``tmp_CB`` before the block is overwritten): the gradient then reaches the raw lm_head output.
 
     Args:
         z_CV: ``[C, V]`` scaled float logits (overwritten).
         row_max_C: ``[C]`` the row max used by ``softmax_stats``.
         scale_C: ``[C]`` row scale (e.g. ``-sum(g) / (S * T)``).
-        width: Columns per block.
+        width: Columns per block (``tmp_CB``'s width when it is given).
         sum_sq_C: ``[C]`` accumulator: if given, ``sum_v exp(2 (z_v - row_max))`` is added to it (read from
             each block while it is in cache, before the scale; the result is unchanged).
+        slope_scale: ``temperature / softcap`` for soft-capped logits (``softcap_slope_``), else ``None``.
+        tmp_CB: ``[>= C, B]`` scratch block, required with ``slope_scale``.
 
     Returns:
         ``z_CV``.
     """
     m_C1, s_C1 = row_max_C.unsqueeze(-1), scale_C.unsqueeze(-1)
+    c = z_CV.shape[0]
+    if slope_scale is not None:
+        assert tmp_CB is not None, "scaled_softmax_ needs tmp_CB for the soft-cap slope"
+        width = tmp_CB.shape[1]
     for start in range(0, z_CV.shape[1], width):
-        e_blk = z_CV[:, start : start + width].sub_(m_C1).exp_()
+        z_blk = z_CV[:, start : start + width]
+        slope_blk = None
+        if slope_scale is not None:
+            slope_blk = softcap_slope_(z_blk, slope_scale, out=tmp_CB[:c, : z_blk.shape[1]])
+        e_blk = z_blk.sub_(m_C1).exp_()
         if sum_sq_C is not None:
             sum_sq_C.add_(torch.linalg.vecdot(e_blk, e_blk))
         e_blk.mul_(s_C1)
+        if slope_blk is not None:
+            e_blk.mul_(slope_blk)
     return z_CV
 
 
@@ -263,12 +317,13 @@ def score_chunked(
     vocab_size: int | None = None,
     bias: Tensor | None = None,
     float32_logits: bool = True,
+    softcap: float | None = None,
 ) -> TokenScores:
-    """Entropy, top-k and sampled-token log-probs of ``softmax((hidden @ W.T + b) / T)``, chunk by chunk.
+    """Entropy, top-k and sampled-token log-probs of ``softmax(cap(hidden @ W.T + b) / T)``, chunk by chunk.
 
     Never holds more than one chunk of logits: one float32 ``[chunk, V]`` buffer and a small scratch block;
     the logits are computed in float32 from any input dtype (see the comment in the body).
-    Equals ``score_from_logits(hidden @ W[:V].T + b, ...)`` to float32 rounding.
+    Equals ``score_from_logits(cap(hidden @ W[:V].T + b), ...)`` to float32 rounding.
 
     Args:
         hidden: ``[..., H]`` final hidden states (after the final norm), any float dtype.
@@ -283,6 +338,7 @@ def score_chunked(
             and entropy are then those of its exact logits). False computes them as the fused student
             loss does (matmul in the hidden states' dtype, softmax math in float32), so that a learner's
             recomputed log-probs equal the loss's own to the last bit.
+        softcap: The model's final-logit soft-cap ``cap`` (``head_transform_``; Gemma 2), or ``None``.
 
     Returns:
         ``TokenScores`` with leading shape ``[...]`` (float32 values, int64 ids).
@@ -314,7 +370,8 @@ def score_chunked(
     topk_lp = torch.empty(n, top_k, dtype=fdt, device=hidden.device)
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
-        z = scaled_float_logits(hidden_NH[start:end].to(mm_dtype), weight, bias_v, temperature, logits_buf, float_buf)
+        z = scaled_float_logits(hidden_NH[start:end].to(mm_dtype), weight, bias_v, temperature, logits_buf, float_buf,
+                                softcap)
         stats = softmax_stats(z, tmp)
         ent[start:end] = stats.entropy
         if top_k:
