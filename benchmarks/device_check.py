@@ -83,7 +83,7 @@ def filler_tokenizer(size: int):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from eopd.tokenizer import build_char_tokenizer
+    from eopd.models.char_tokenizer import build_char_tokenizer
 
     base = build_char_tokenizer(ALPHABET)
     state = json.loads(base.backend_tokenizer.to_str())
@@ -141,7 +141,7 @@ def loss_summary(plan: Plan) -> str:
 def train_summary(plan: Plan, root: Path) -> dict[str, float]:
     """Build both models, train ``plan.steps`` steps; throughput, peak memory and first-update ratio stats."""
     from eopd.config import load_config
-    from eopd.trainer import train
+    from eopd.training.trainer import train
 
     tok = filler_tokenizer(plan.tokenizer_size)
     t0 = time.perf_counter()

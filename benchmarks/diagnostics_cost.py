@@ -125,9 +125,9 @@ def time_loss(case: LossCase, repeats: int) -> Times:
 def time_steps(steps: int, work: Path) -> tuple[Times, bool]:
     """``trainer.step`` of two tiny runs (diagnostics off, on) stepped alternately; and whether role metrics
     were logged (they are once the trainer passes ``token_roles`` to ``collect_batch``)."""
-    from eopd.components import build_components
     from eopd.config import load_config
-    from eopd.trainer import step
+    from eopd.training.components import build_components
+    from eopd.training.trainer import step
 
     runs = {}
     for diagnostics in (False, True):

@@ -2,7 +2,8 @@
 
 Why: docs/scaling.md estimates what fits on one 80 GB GPU from parameter counts; this measures, on a
 benchmark-sized model, that each lever saves what the arithmetic says, through the real training step
-(``eopd.components.build_components`` + ``eopd.trainer.step``: rollout, teacher scores, fused loss, AdamW).
+(``eopd.training.components.build_components`` + ``eopd.training.trainer.step``: rollout, teacher scores, fused
+loss, AdamW).
 
 Levers (``--levers``, comma-separated):
 
@@ -109,8 +110,8 @@ def reset_high_water_mark() -> None:
 
 def build_models(root: Path, layers: int) -> dict[str, Path]:
     """A big and a tiny Qwen3 of one tokenizer (skipped when already built under ``root``)."""
-    from eopd.models import build_tiny_checkpoint
-    from eopd.tokenizer import build_char_tokenizer
+    from eopd.models.char_tokenizer import build_char_tokenizer
+    from eopd.models.loading import build_tiny_checkpoint
 
     rows = QWEN3_VOCAB_ROWS - len(build_char_tokenizer(ALPHABET))
     big = dict(hidden_size=1024, num_layers=layers, num_heads=16, num_kv_heads=8, vocab_padding=rows,
@@ -138,9 +139,9 @@ def run_overrides(args: argparse.Namespace, lever: Lever, extra: tuple[str, ...]
 
 def worker(overrides: list[str], device: str) -> dict[str, float]:
     """Build one run, train its steps; bytes above the resident set before loading."""
-    from eopd.components import build_components
     from eopd.config import load_config
-    from eopd.trainer import step
+    from eopd.training.components import build_components
+    from eopd.training.trainer import step
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
     cuda = device.startswith("cuda")

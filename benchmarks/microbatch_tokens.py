@@ -2,10 +2,10 @@
 
 Why: math completions are long-tailed (most end early, a few run to the budget) and a fixed-size micro-batch
 of a shuffled minibatch is padded to its longest row. ``optim.max_tokens_per_micro_batch`` packs rows sorted
-by length under a padded-token budget (``eopd.microbatch``). This measures both on the real code: one batch of
+by length under a padded-token budget (``eopd.sampling.microbatch``). This measures both on the real code: one batch of
 rollout rows whose completion lengths follow a log-normal clipped to ``[16, --max-len]`` (median
-``--median``), scored by the teacher (``HFTeacher.score``) and trained on (``eopd.update.ppo_update``: the
-learner's old log-probs, then one update), both through ``eopd.components.build_components`` from
+``--median``), scored by the teacher (``HFTeacher.score``) and trained on (``eopd.training.update.ppo_update``: the
+learner's old log-probs, then one update), both through ``eopd.training.components.build_components`` from
 ``configs/tiny.yaml`` with wider models built here.
 
 The budget is ``micro_batch_size x (prompt width + max-len)``: the largest micro-batch the fixed mode can
@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 
-from eopd.collect import Batch, make_token_batch, token_weights
-from eopd.microbatch import micro_batches, padded_tokens
-from eopd.rollout import Rollout
-from eopd.update import ppo_update
+from eopd.sampling.microbatch import micro_batches, padded_tokens
+from eopd.sampling.rollout import Rollout
+from eopd.training.collect import Batch, make_token_batch, token_weights
+from eopd.training.update import ppo_update
 
 REPO = Path(__file__).resolve().parents[1]
 ALPHABET = "0123456789+=,;"
@@ -67,7 +67,7 @@ def rollout_of(lengths_B: list[int], prompt_len: int, max_len: int, vocab: int, 
 
 
 def build(root: Path, args: argparse.Namespace) -> tuple[Path, Path]:
-    from eopd.models import build_tiny_checkpoint
+    from eopd.models.loading import build_tiny_checkpoint
 
     paths = root / "teacher", root / "student"
     for path, hidden, layers in ((paths[0], args.hidden * 2, args.layers), (paths[1], args.hidden, args.layers)):
@@ -77,8 +77,8 @@ def build(root: Path, args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def components(teacher: Path, student: Path, args: argparse.Namespace, budget: int | None, out: Path):
-    from eopd.components import build_components
     from eopd.config import load_config
+    from eopd.training.components import build_components
 
     over = [f"models.teacher={teacher}", f"models.student={student}", "models.build_teacher=null",
             "models.build_student=null", f"output_dir={out}", f"num_threads={args.threads}", "save_every=0",

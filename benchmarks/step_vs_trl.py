@@ -1,4 +1,4 @@
-"""Per-step wall time of one on-policy distillation step: TRL's ``GKDTrainer`` against ``eopd.trainer.step``.
+"""Per-step wall time of one on-policy distillation step: TRL's ``GKDTrainer`` against ``eopd.training.trainer.step``.
 
 What is measured: the wall time of one whole training step (sample completions with the student, score
 them with the teacher, one optimizer update of the student) at tiny model sizes, where fixed per-step and
@@ -8,7 +8,8 @@ per-token overheads dominate, on the same saved models, prompts and settings:
               its own ``Trainer.train`` loop; one step = the interval between two ``on_step_end`` callbacks
               (the collator, ``generate``, the student and teacher forwards, the JSD on full logits, backward,
               gradient clipping, AdamW, the scheduler and the loop's own bookkeeping).
-    (b) eopd  ``eopd.trainer.step`` on ``build_components(load_config(...))`` with ``objective=jsd`` (GKD's loss,
+    (b) eopd  ``eopd.training.trainer.step`` on ``build_components(load_config(...))`` with ``objective=jsd``
+              (GKD's loss,
               exact over the full vocabulary; the fused loss recomputes the teacher's logits chunk by chunk
               from its final hidden states): ``collect_batch`` (KV-cache sampling, teacher scoring) and
               ``ppo_update``, plus the step's metric reductions.
@@ -135,7 +136,7 @@ class Assets:
 
 def build_assets(folder: Path, vocab_size: int, num_prompts: int, prompt_chars: int) -> Assets:
     """Build (or reuse) ``folder/v<V>/{teacher,student}`` and ``folder/v<V>/prompts.jsonl``."""
-    from eopd.models import build_tiny_checkpoint
+    from eopd.models.loading import build_tiny_checkpoint
 
     root = folder / f"v{vocab_size}"
     teacher, student, prompts = root / "teacher", root / "student", root / "prompts.jsonl"
@@ -166,9 +167,9 @@ def eopd_overrides(assets: Assets, batch: int, micro_batch: int, threads: int, o
 
 def build_eopd(assets: Assets, batch: int, micro_batch: int, threads: int, output_dir: Path, max_steps: int,
                extra: Sequence[str] = ()) -> Any:
-    """``eopd.components.build_components`` of the benchmark's config (plus ``extra`` overrides)."""
-    from eopd.components import build_components
+    """``eopd.training.components.build_components`` of the benchmark's config (plus ``extra`` overrides)."""
     from eopd.config import load_config
+    from eopd.training.components import build_components
 
     cfg = load_config(None, [*eopd_overrides(assets, batch, micro_batch, threads, output_dir, max_steps), *extra])
     return build_components(cfg)
@@ -176,7 +177,7 @@ def build_eopd(assets: Assets, batch: int, micro_batch: int, threads: int, outpu
 
 def eopd_prompt_order(num_prompts: int, batch: int, steps: int) -> list[int]:
     """The prompt indices eopd's ``step`` visits, step after step (one process, seed 0)."""
-    from eopd.collect import step_prompt_indices
+    from eopd.training.collect import step_prompt_indices
 
     return [i for s in range(steps) for i in step_prompt_indices(num_prompts, s * batch, batch, 0, 0, 1)]
 
@@ -206,14 +207,14 @@ class Timings:
 
 
 class EopdSide:
-    """Runs blocks of ``eopd.trainer.step`` and records each step's wall time and phase times."""
+    """Runs blocks of ``eopd.training.trainer.step`` and records each step's wall time and phase times."""
 
     def __init__(self, components: Any, warmup: int) -> None:
         self.c = components
         self.t = Timings(warmup)
 
     def run(self, steps: int) -> None:
-        from eopd.trainer import step
+        from eopd.training.trainer import step
 
         for _ in range(steps):
             t0, c0 = time.perf_counter(), time.process_time()

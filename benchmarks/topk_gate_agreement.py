@@ -10,14 +10,14 @@ rest. This script measures, for k in {5, 10, 20}, on the valid completion tokens
   (always inside the undecided share: every rule agrees on decided tokens, which the script checks).
 
 Settings (the teacher scores the student's own samples; exact entropy and top-k from one
-``eopd.losses.scoring.score_chunked`` pass through ``eopd.teacher.HFTeacher``):
+``eopd.losses.scoring.score_chunked`` pass through ``eopd.teachers.teacher.HFTeacher``):
 
-- ``qwen<V>``: tiny random Qwen3 models (``eopd.models.build_tiny_qwen3``); the teacher's
+- ``qwen<V>``: tiny random Qwen3 models (``eopd.models.loading.build_tiny_qwen3``); the teacher's
   ``initializer_range`` (default 1.2) puts its median entropy near tau = 0.8 at both vocabularies;
 - two peaked synthetic families at Qwen3's vocabulary (151,936 ids), whose long tails are closer to a
   trained LLM's than random weights: ``zipf`` (a power-law tail in rank, ``zipf_logits``) and ``bulk``
   (a few head ids standing out of a Gaussian bulk of logits, ``bulk_logits``);
-- ``world``: the embedded arithmetic world (``eopd.world.build_world(WorldConfig())``; cache under
+- ``world``: the embedded arithmetic world (``eopd.world.build.build_world(WorldConfig())``; cache under
   ``$EOPD_CACHE``), the trained teacher scoring its base student's samples on held-out prompts. Its
   vocabulary has 17 ids, so k >= 17 sees every id and is exact (marked ``exact``).
 
@@ -66,8 +66,8 @@ class Setting:
 def teacher_setting(name: str, student: torch.nn.Module, teacher: torch.nn.Module, prompts: list[list[int]],
                     vocab: int, *, n: int, max_new_tokens: int, eos: list[int], pad: int, seed: int) -> Setting:
     """The student samples ``n`` completions per prompt at T = 1; the teacher scores every valid position."""
-    from eopd.rollout import sample
-    from eopd.teacher import HFTeacher
+    from eopd.sampling.rollout import sample
+    from eopd.teachers.teacher import HFTeacher
 
     with torch.no_grad():
         rollout = sample(student, prompts, n=n, max_new_tokens=max_new_tokens, eos_token_ids=eos,
@@ -79,7 +79,7 @@ def teacher_setting(name: str, student: torch.nn.Module, teacher: torch.nn.Modul
 
 def qwen_setting(vocab: int, init_range: float, prompts: int, seed: int) -> Setting:
     """Random tiny Qwen3 student (default init) and teacher (``initializer_range=init_range``) at ``vocab``."""
-    from eopd.models import build_tiny_qwen3
+    from eopd.models.loading import build_tiny_qwen3
 
     student = build_tiny_qwen3(vocab, seed=seed).eval()
     teacher = build_tiny_qwen3(vocab, seed=seed + 1, initializer_range=init_range).eval()
@@ -140,10 +140,10 @@ def world_setting(prompts: int, seed: int, attempts: int, wait_s: float) -> Sett
     """
     from transformers.utils import logging as transformers_logging
 
-    from eopd.models import aligned_vocab_size, load_causal_lm, load_tokenizer
+    from eopd.models.loading import aligned_vocab_size, load_causal_lm, load_tokenizer
     from eopd.prompting import encode_prompts
     from eopd.tasks.arithmetic import ArithmeticTask
-    from eopd.world import WorldConfig, build_world
+    from eopd.world.build import WorldConfig, build_world
 
     for attempt in range(attempts):
         try:

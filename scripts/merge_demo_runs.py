@@ -2,7 +2,7 @@
 
 Why: a study runs its objectives in several invocations (a main comparison, then ablations) but wants one
 table, one pass@k table and one seed-paired table against a single reference. This reads each run's
-``metrics.jsonl`` with ``eopd.demo.collect`` and writes ``report.md`` with ``eopd.demo.write_report``, so
+``metrics.jsonl`` with ``eopd.world.demo.collect`` and writes ``report.md`` with ``eopd.world.demo.write_report``, so
 the numbers are exactly what one invocation over all the runs would have reported (docs/evidence.md).
 
     python scripts/merge_demo_runs.py OUT WORLD CACHE STEPS "LABEL::PATH" ...
@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from eopd.config import read_yaml_mapping
-from eopd.demo import (
+from eopd.world.demo import (
     DEMO_CONFIG,
     RunSpec,
     _base_metrics,
@@ -29,7 +29,7 @@ from eopd.demo import (
     teacher_entropy_on_student_samples,
     write_report,
 )
-from eopd.world import build_world
+from eopd.world.build import build_world
 
 
 def main(argv: list[str]) -> None:

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """A tiny random teacher (3 padded lm_head rows) and student saved with save_pretrained."""
-    from eopd.models import build_tiny_checkpoint
+    from eopd.models.loading import build_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("tiny-models")
     alphabet = "0123456789+=,;"

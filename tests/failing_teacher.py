@@ -16,11 +16,11 @@ import sys
 from typing import Any
 
 from eopd.commands import run_command
-from eopd.components import build_components
 from eopd.config import load_config
-from eopd.rollout import Rollout
-from eopd.teacher import Teacher, TeacherScores, TeacherUnavailableError
-from eopd.trainer import run
+from eopd.sampling.rollout import Rollout
+from eopd.teachers.teacher import Teacher, TeacherScores, TeacherUnavailableError
+from eopd.training.components import build_components
+from eopd.training.trainer import run
 
 MESSAGE = "teacher http://teacher-b:8000/v1: 400 Bad Request (not retried): prompt too long"
 

@@ -7,11 +7,11 @@ every process normalises its loss by the valid-token count of the whole minibatc
     torchrun --standalone --nproc_per_node 2 tests/rehearsal_grads.py OUT_PREFIX CONFIG [key=value ...]
 
 Every process samples the same full batch (same prompts, same seeded generators, rows of uneven lengths),
-keeps rows ``rank::world`` and runs ``eopd.update.ppo_update`` once with the minibatch = the whole batch and no
+keeps rows ``rank::world`` and runs ``eopd.training.update.ppo_update`` once with the minibatch = the whole batch and no
 clipping; the parameters' gradients are recorded just before ``optimizer.step`` and written, with the full
 batch's completion ids, to ``OUT_PREFIX.rank<r>.pt``.
 
-``--step`` runs the trainer's periodic evaluation, then the whole of ``eopd.trainer.step`` (every PPO epoch and
+``--step`` runs the trainer's periodic evaluation, then the whole of ``eopd.training.trainer.step`` (every PPO epoch and
 minibatch, clipping, the adaptive tau, the diagnostics, the step's metrics reduced over processes) on the
 process's rows of one fixed rollout, and writes ``step_on_rollout``'s result
 (``tests/test_process_count.py`` compares it with one process):
@@ -31,15 +31,15 @@ from unittest import mock
 
 import torch
 
-import eopd.collect
-import eopd.evaluation
-import eopd.update
-from eopd.collect import Batch, collect_batch, step_prompt_indices
-from eopd.components import Components, build_components, make_generators
+import eopd.evaluation.loop
+import eopd.training.collect
+import eopd.training.update
 from eopd.config import load_config
-from eopd.rollout import Rollout, sample
-from eopd.trainer import evaluate, step
-from eopd.update import minibatches, ppo_update
+from eopd.sampling.rollout import Rollout, sample
+from eopd.training.collect import Batch, collect_batch, step_prompt_indices
+from eopd.training.components import Components, build_components, make_generators
+from eopd.training.trainer import evaluate, step
+from eopd.training.update import minibatches, ppo_update
 
 MIN_IMBALANCE = 0.05  # the halves' valid-token counts differ by at least this share of the larger one
 
@@ -131,7 +131,8 @@ def partition_of(world: int, c: Components) -> Iterator[list[torch.Tensor]]:
 
 def step_on_rollout(c: Components, rollout: Rollout, partition: Iterator[list[torch.Tensor]] | None = None,
                     ) -> dict[str, Any]:
-    """``eopd.trainer.evaluate`` (with ``eval.every``), then ``eopd.trainer.step`` on this process's rows
+    """``eopd.training.trainer.evaluate`` (with ``eval.every``), then ``eopd.training.trainer.step`` on this
+    process's rows
     (``rank::world``) of ``rollout`` instead of its own samples; ``partition`` (one process) replaces the
     minibatch shuffle.
 
@@ -143,19 +144,20 @@ def step_on_rollout(c: Components, rollout: Rollout, partition: Iterator[list[to
     records: list[Any] = []
     eval_metrics: dict[str, float] = {}
     if c.cfg.eval.every:
-        evaluate_shared = eopd.evaluation.evaluate_across_processes
+        evaluate_shared = eopd.evaluation.loop.evaluate_across_processes
 
         def recording(*args: Any, **kwargs: Any) -> Any:
             records.extend(evaluate_shared(*args, **kwargs))
             return records
 
-        with mock.patch.object(eopd.evaluation, "evaluate_across_processes", recording):
+        with mock.patch.object(eopd.evaluation.loop, "evaluate_across_processes", recording):
             eval_metrics = evaluate(c)
     mine = rollout.select(torch.arange(c.rank, rollout.completion_ids_BT.shape[0], c.world))
     with ExitStack() as patched:
-        patched.enter_context(mock.patch.object(eopd.collect, "sample", lambda *args, **kwargs: mine))
+        patched.enter_context(mock.patch.object(eopd.training.collect, "sample", lambda *args, **kwargs: mine))
         if partition is not None:
-            patched.enter_context(mock.patch.object(eopd.update, "minibatches", lambda *a, **k: next(partition)))
+            patched.enter_context(mock.patch.object(eopd.training.update, "minibatches",
+                                                    lambda *a, **k: next(partition)))
         metrics = step(c)
     weights = {n: p.detach().clone() for n, p in c.student.named_parameters()}
     return {"metrics": metrics, "weights": weights, "records": records, "eval": eval_metrics, "rank": c.rank,

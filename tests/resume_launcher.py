@@ -19,9 +19,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from eopd.commands import run_command
-from eopd.components import build_components
 from eopd.config import load_config
-from eopd.trainer import run
+from eopd.training.components import build_components
+from eopd.training.trainer import run
 
 MESSAGE = "CUDA out of memory. Tried to allocate 2.00 GiB (injected on one process)"
 

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 
+from eopd.models.char_tokenizer import build_char_tokenizer
 from eopd.tasks.arithmetic import (
     STYLES,
     ArithmeticConfig,
@@ -22,7 +23,6 @@ from eopd.tasks.arithmetic import (
     trace_for_order,
 )
 from eopd.tasks.base import Problem, Task
-from eopd.tokenizer import build_char_tokenizer
 
 
 def _problem(terms: list[int]) -> Problem:

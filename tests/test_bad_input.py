@@ -17,14 +17,14 @@ import datasets
 import huggingface_hub.constants
 import pytest
 
-from eopd import world
 from eopd.cli import main as eopd_main
 from eopd.commands.sft import main as sft_main
 from eopd.config import ConfigError, DataConfig, from_dict
 from eopd.errors import UserError
+from eopd.models.char_tokenizer import build_char_tokenizer
 from eopd.tasks import DataError, MissingDataError, build_task
-from eopd.tokenizer import build_char_tokenizer
-from eopd.world import WorldConfig, build_world
+from eopd.world import build as world
+from eopd.world.build import WorldConfig, build_world
 
 from .conftest import REPO
 from .test_world import _tiny_world

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import yaml
 
-from eopd.demo import DEMO_CONFIG, parse_variant, plan_for, plan_from_args, task_section
-from eopd.report import RunResult, markdown_table, mean_std, paired_difference, paired_table
 from eopd.tracking import read_metrics
-from eopd.world import WorldConfig, named_world_config, world_names
+from eopd.world.build import WorldConfig, named_world_config, world_names
+from eopd.world.demo import DEMO_CONFIG, parse_variant, plan_for, plan_from_args, task_section
+from eopd.world.report import RunResult, markdown_table, mean_std, paired_difference, paired_table
 
 
 @pytest.mark.slow
@@ -84,7 +84,7 @@ def correct_count_histogram(pass_at: list[float], problems: int) -> np.ndarray:
 
 
 def test_correct_count_histogram_tells_the_unbiased_pass_at_k_from_another() -> None:
-    from eopd.evaluation import pass_at_k
+    from eopd.evaluation.loop import pass_at_k
 
     correct = [0, 0, 1, 3, 8, 8, 5, 2]  # 8 problems, 8 samples each
     unbiased = [sum(pass_at_k(8, c, k) for c in correct) / 8 for k in range(1, 9)]
@@ -112,7 +112,7 @@ def test_modes_and_table():
 
 def test_variants_parse_and_fail_clearly(capsys):
     from eopd.commands.demo import main as cli
-    from eopd.demo import parse_variant, run_folder, split_objectives
+    from eopd.world.demo import parse_variant, run_folder, split_objectives
 
     assert split_objectives("opd, eopd[loss.alpha=0.5,loss.top_k=4],fkl") == [
         "opd", "eopd[loss.alpha=0.5,loss.top_k=4]", "fkl"]
@@ -135,7 +135,7 @@ def test_variants_parse_and_fail_clearly(capsys):
     assert "unknown key 'rollout.nn'" in capsys.readouterr().err
     from pathlib import Path
 
-    from eopd.demo import DemoPlan, RunSpec, _train_command
+    from eopd.world.demo import DemoPlan, RunSpec, _train_command
 
     plan = DemoPlan(["eopd[loss.alpha=0.5]"], [0], 10, 5, 8, train_overrides=["optim.lr=1e-4"])
     cmd = _train_command(RunSpec("eopd[loss.alpha=0.5]", 0, Path("o")), plan, Path("t"), Path("s"), Path("c.yaml"))
@@ -143,7 +143,7 @@ def test_variants_parse_and_fail_clearly(capsys):
 
 
 def test_base_row_is_the_mean_of_every_step0_evaluation():
-    from eopd.demo import _base_metrics
+    from eopd.world.demo import _base_metrics
 
     runs = [RunResult("opd", 0, {}, [{"step": 0, "avg@n": 0.8}, {"step": 10, "avg@n": 0.9}]),
             RunResult("eopd", 1, {}, [{"step": 0, "avg@n": 0.7}])]
@@ -174,12 +174,12 @@ def test_default_world_is_the_configs_and_the_world_flag_wins() -> None:
 
 
 def test_world_flag_wiring_and_one_line_errors(tmp_path, capsys, monkeypatch) -> None:
-    import eopd.demo
+    import eopd.world.demo
     from eopd.commands.demo import main as cli
-    from eopd.demo import RunSpec, _train_command
+    from eopd.world.demo import RunSpec, _train_command
 
     plans = []
-    monkeypatch.setattr(eopd.demo, "run_demo", lambda plan, out, **kw: plans.append((plan, kw)))
+    monkeypatch.setattr(eopd.world.demo, "run_demo", lambda plan, out, **kw: plans.append((plan, kw)))
     assert cli(["--world", "multi-path", "--quick", "--output-dir", str(tmp_path / "o"), "--cache-dir", "C"]) == 0
     (plan, kw), = plans
     assert plan.world_name == "multi-path" and kw["cache_dir"] == "C"
@@ -205,8 +205,8 @@ def test_world_flag_wiring_and_one_line_errors(tmp_path, capsys, monkeypatch) ->
 
 
 def test_pass_at_k_table_columns_and_plot(tmp_path) -> None:
-    from eopd.demo import pass_at_k_columns
-    from eopd.report import plot_pass_at_k
+    from eopd.world.demo import pass_at_k_columns
+    from eopd.world.report import plot_pass_at_k
 
     runs = [RunResult("opd", s, {"avg@n": 0.5, **{f"pass@{k}": 0.5 + 0.04 * k + 0.01 * s for k in range(1, 11)}})
             for s in range(2)]

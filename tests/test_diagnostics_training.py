@@ -15,12 +15,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import eopd.trainer
-from eopd.collect import Batch
-from eopd.components import build_components
-from eopd.forward import completion_logits
+import eopd.training.trainer
+from eopd.sampling.forward import completion_logits
 from eopd.tracking import read_metrics
-from eopd.trainer import run, train
+from eopd.training.collect import Batch
+from eopd.training.components import build_components
+from eopd.training.trainer import run, train
 
 from .test_trainer import tiny_cfg
 
@@ -107,13 +107,13 @@ def test_step_one_diagnostics_are_their_definitions_on_the_step_batch(tiny_model
     c = build_components(tiny_cfg(tiny_models, tmp_path, *COMMON, "max_steps=1", "loss.tau=1.5",
                                   "optim.micro_batch_size=2"))
     seen: list[Batch] = []
-    real = eopd.trainer.ppo_update
+    real = eopd.training.trainer.ppo_update
 
     def capture(model: torch.nn.Module, batch: Batch, **kwargs: Any) -> Any:
         seen.append(batch)
         return real(model, batch, **kwargs)
 
-    with mock.patch.object(eopd.trainer, "ppo_update", capture):
+    with mock.patch.object(eopd.training.trainer, "ppo_update", capture):
         run(c)
     (logged,) = read_metrics(tmp_path / "metrics.jsonl")
     student = AutoModelForCausalLM.from_pretrained(tiny_models["student"])  # the weights step 1 starts from

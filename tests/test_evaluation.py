@@ -18,10 +18,9 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from eopd import eval_backends
 from eopd.cli import main as eopd_main
-from eopd.comparison import compare_results, paired_bootstrap
-from eopd.eval_backends import (
+from eopd.evaluation import backends as eval_backends
+from eopd.evaluation.backends import (
     BackendUnavailableError,
     Generation,
     TokenRoles,
@@ -29,7 +28,8 @@ from eopd.eval_backends import (
     role_entropy,
     topk_entropy,
 )
-from eopd.evaluation import (
+from eopd.evaluation.comparison import compare_results, paired_bootstrap
+from eopd.evaluation.loop import (
     CompletionRecord,
     ProblemRecord,
     benchmark_metrics,
@@ -37,14 +37,14 @@ from eopd.evaluation import (
     pass_at_k,
     write_results,
 )
-from eopd.forward import completion_entropy_BT
-from eopd.models import build_tiny_qwen3
+from eopd.models.char_tokenizer import build_char_tokenizer
+from eopd.models.loading import build_tiny_qwen3
 from eopd.prompting import encode_prompts
-from eopd.rollout import sample
+from eopd.sampling.forward import completion_entropy_BT
+from eopd.sampling.rollout import sample
 from eopd.tasks.arithmetic import ArithmeticConfig, ArithmeticTask, format_prompt
 from eopd.tasks.base import Problem
 from eopd.tasks.benchmarks import find_data_dir
-from eopd.tokenizer import build_char_tokenizer
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from eopd.collect import Batch, collect_batch
-from eopd.forward import completion_entropy_BT
-from eopd.head import UnsupportedHeadError, check_output_head
 from eopd.losses import ObjectiveConfig
 from eopd.losses.objectives import DIAG_KEYS
 from eopd.losses.scoring import score_from_logits
-from eopd.rollout import Rollout, position_ids_from_mask, sample
-from eopd.teacher import HFTeacher
-from eopd.update import learner_logprobs, student_loss
+from eopd.sampling.forward import completion_entropy_BT
+from eopd.sampling.head import UnsupportedHeadError, check_output_head
+from eopd.sampling.rollout import Rollout, position_ids_from_mask, sample
+from eopd.teachers.teacher import HFTeacher
+from eopd.training.collect import Batch, collect_batch
+from eopd.training.update import learner_logprobs, student_loss
 
 from .conftest import REPO
 
@@ -181,7 +181,7 @@ def cohere(logit_scale: float):
 
 def capped_in_config_only():
     """A Qwen3 whose config claims a soft-cap that its forward never applies."""
-    from eopd.models import build_tiny_qwen3
+    from eopd.models.loading import build_tiny_qwen3
 
     model = build_tiny_qwen3(vocab_size=ROWS, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                              initializer_range=0.3, seed=2).eval()
@@ -192,7 +192,7 @@ def capped_in_config_only():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_supported_heads_pass_the_start_check(dtype: torch.dtype) -> None:
     """No false refusal, bf16 rounding (model in bf16, our head in float32) included."""
-    from eopd.models import build_tiny_qwen3
+    from eopd.models.loading import build_tiny_qwen3
 
     for model in (gemma2(0, 32, 2.0), gemma2(1, 48, 30.0), granite(1.0), cohere(1.0),
                   build_tiny_qwen3(vocab_size=ROWS, seed=1, initializer_range=0.3)):

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from eopd.checkpoint import CheckpointError, list_checkpoints
-from eopd.collect import collect_batch
-from eopd.components import build_components, pin_requested_gpu
 from eopd.config import ConfigError, load_config
 from eopd.tracking import read_metrics
-from eopd.trainer import train
-from eopd.update import ppo_update
+from eopd.training.checkpoint import CheckpointError, list_checkpoints
+from eopd.training.collect import collect_batch
+from eopd.training.components import build_components, pin_requested_gpu
+from eopd.training.trainer import train
+from eopd.training.update import ppo_update
 
 from .conftest import REPO
 
@@ -98,7 +98,7 @@ def test_second_ctrl_c_exits_at_once_without_saving(tiny_models, tmp_path, capsy
         return score(*a, **k)
 
     c.teacher.score = slow_score  # type: ignore[method-assign]
-    from eopd.trainer import run
+    from eopd.training.trainer import run
 
     with pytest.raises(KeyboardInterrupt):
         run(c)

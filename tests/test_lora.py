@@ -12,15 +12,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from eopd.checkpoint import CheckpointMismatchError, latest_checkpoint, list_checkpoints
-from eopd.components import build_components
 from eopd.config import ConfigError, LoraSpec, TrainConfig, load_config
-from eopd.forward import completion_hidden_states, completion_logits
 from eopd.losses import reverse_kl
-from eopd.models import load_causal_lm
+from eopd.models.loading import load_causal_lm
 from eopd.prompting import encode_prompts
-from eopd.rollout import Rollout, sample
-from eopd.trainer import run, train
+from eopd.sampling.forward import completion_hidden_states, completion_logits
+from eopd.sampling.rollout import Rollout, sample
+from eopd.training.checkpoint import CheckpointMismatchError, latest_checkpoint, list_checkpoints
+from eopd.training.components import build_components
+from eopd.training.trainer import run, train
 
 from .conftest import REPO
 from .test_trainer import check_kill_and_resume
@@ -135,7 +135,7 @@ def test_lora_student_learns(tiny_models, tmp_path):
     # the frozen lm_head bounds how peaked any adapter can make the student: the session's student (init std
     # 0.02) is near uniform and stays near its floor (reverse KL -6% here), so this run adapts a student whose
     # random head is as expressive as a trained one's (init std 0.3, like the teacher's)
-    from eopd.models import build_tiny_checkpoint
+    from eopd.models.loading import build_tiny_checkpoint
 
     student = build_tiny_checkpoint(tmp_path / "student", alphabet="0123456789+=,;", hidden_size=32, num_layers=2,
                                     initializer_range=0.3, seed=2)
@@ -238,7 +238,7 @@ def test_adapted_lm_head_is_refused_and_why(tiny_models, tmp_path):
         cfg_of(tiny_models, tmp_path, "models.lora.target_modules=embed_tokens")
     # why: peft's LoRA lm_head keeps .weight as the frozen base weight and adds B @ A in forward only, so the
     # fused loss (which reads .weight) would never see or train the adapter
-    from eopd.lora import check_embeddings_not_adapted
+    from eopd.training.lora import check_embeddings_not_adapted
 
     model = peft.get_peft_model(load_causal_lm(tiny_models["student"]),
                                 peft.LoraConfig(r=4, target_modules=["lm_head"], task_type="CAUSAL_LM"))
@@ -283,7 +283,7 @@ def test_resume_refuses_a_checkpoint_of_other_settings_and_leaves_it(tiny_models
 def test_adapter_settings_are_compared_by_what_they_select(tiny_models, tmp_path):
     """peft saves all-linear as the list of module names it expanded to: that list, the string and the same
     modules spelled as suffixes are one selection; a genuinely different one is named in one line."""
-    from eopd.lora import adapter_mismatch, apply_lora, save_adapter_folder
+    from eopd.training.lora import adapter_mismatch, apply_lora, save_adapter_folder
 
     every_linear = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     saved = {}

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eopd.components import build_components
 from eopd.config import load_config
-from eopd.microbatch import micro_batches, padded_tokens, row_widths, token_budget_groups
-from eopd.rollout import Rollout
+from eopd.sampling.microbatch import micro_batches, padded_tokens, row_widths, token_budget_groups
+from eopd.sampling.rollout import Rollout
+from eopd.training.components import build_components
 
 from .conftest import REPO
 from .rehearsal_grads import step_on_rollout, uneven_rollout
@@ -131,7 +131,7 @@ def test_gradient_checkpointing_gives_the_same_step(tiny_models, tmp_path):
 
 
 def test_checkpointing_is_on_in_the_update_only_and_sampling_keeps_its_cache(tiny_models, tmp_path):
-    from eopd.trainer import step
+    from eopd.training.trainer import step
 
     c = build_components(load_config(TINY, _overrides(tiny_models, tmp_path, "optim.gradient_checkpointing=true")))
     calls: list[tuple[bool, bool, int]] = []  # (grad enabled, checkpointing on, input width)

@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 
 from eopd.config import TrainConfig, load_config, to_dict
-from eopd.math_tokenizer import EMPTY_THINK_BLOCK, train_math_bpe
-from eopd.optim import lr_curve
+from eopd.models.math_tokenizer import EMPTY_THINK_BLOCK, train_math_bpe
 from eopd.prompting import encode_prompts
 from eopd.tasks import build_task
 from eopd.tasks.benchmarks import PROMPT_SUFFIX
 from eopd.tasks.sources import HubSource
+from eopd.training.optim import lr_curve
 
 from .conftest import REPO
 

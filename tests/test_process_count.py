@@ -1,6 +1,6 @@
 """One process or two (gloo) on the same global batch: the same step, to float tolerance.
 
-``tests/rehearsal_grads.py --step`` runs ``eopd.trainer.step`` under ``torchrun --nproc_per_node 2`` on each
+``tests/rehearsal_grads.py --step`` runs ``eopd.training.trainer.step`` under ``torchrun --nproc_per_node 2`` on each
 process's rows of one fixed rollout (two PPO epochs of two minibatches, clipping that binds, an adaptive tau,
 the learner's own old log-probs, every diagnostic), after the trainer's periodic evaluation of the student it
 starts from. The same runs here in one process on all the rows, given the very minibatches the two processes
@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-from eopd.components import build_components
+from eopd.training.components import build_components
 
 from .conftest import REPO
 from .rehearsal_grads import partition_of, step_on_rollout, uneven_rollout

@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from eopd.checkpoint import checkpoint_dir, list_checkpoints
 from eopd.tracking import read_metrics
+from eopd.training.checkpoint import checkpoint_dir, list_checkpoints
 
 from .conftest import REPO
 from .failing_teacher import MESSAGE
@@ -83,7 +83,7 @@ def test_a_teacher_failure_on_one_process_stops_every_process_with_one_checkpoin
 
 
 def test_first_failure_costs_one_flag_when_all_is_well_and_names_the_first_failing_process() -> None:
-    from eopd.collect import first_failure
+    from eopd.training.collect import first_failure
 
     calls: list[str] = []
 

@@ -18,11 +18,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from eopd.checkpoint import checkpoint_dir, latest_checkpoint
-from eopd.collect import step_prompt_indices
-from eopd.components import Components, build_components
 from eopd.config import ConfigError, TrainConfig, load_config
-from eopd.math_tokenizer import (
+from eopd.models.math_tokenizer import (
     END_OF_TEXT,
     IM_END,
     IM_START,
@@ -34,6 +31,9 @@ from eopd.math_tokenizer import (
 )
 from eopd.tasks.benchmarks import PROMPT_SUFFIX, load_benchmark
 from eopd.tracking import read_metrics
+from eopd.training.checkpoint import checkpoint_dir, latest_checkpoint
+from eopd.training.collect import step_prompt_indices
+from eopd.training.components import Components, build_components
 
 from .conftest import REPO
 from .rehearsal_grads import first_update_grads

@@ -20,7 +20,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from eopd.checkpoint import (
+from eopd.config import load_config, to_dict
+from eopd.errors import UserError
+from eopd.folders import atomic_folder
+from eopd.losses import AdaptiveTau
+from eopd.models.loading import DamagedFileError, ModelLoadError, load_causal_lm
+from eopd.tracking import MetricsLogger, read_metrics, truncate_metrics
+from eopd.training.checkpoint import (
     CheckpointError,
     UnsafeCheckpointError,
     capture_state,
@@ -29,15 +35,9 @@ from eopd.checkpoint import (
     load_trainer_state,
     steps_disagree,
 )
-from eopd.components import build_components
-from eopd.config import load_config, to_dict
-from eopd.errors import UserError
-from eopd.folders import atomic_folder
-from eopd.losses import AdaptiveTau
-from eopd.models import DamagedFileError, ModelLoadError, load_causal_lm
-from eopd.optim import build_optimizer, build_scheduler
-from eopd.tracking import MetricsLogger, read_metrics, truncate_metrics
-from eopd.trainer import train
+from eopd.training.components import build_components
+from eopd.training.optim import build_optimizer, build_scheduler
+from eopd.training.trainer import train
 
 from .conftest import REPO
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eopd.models import build_tiny_qwen3
-from eopd.rollout import completion_mask_from_ids, left_pad, position_ids_from_mask, sample, top_p_filter
+from eopd.models.loading import build_tiny_qwen3
+from eopd.sampling.rollout import completion_mask_from_ids, left_pad, position_ids_from_mask, sample, top_p_filter
 
 
 def _model(vocab: int = 12):
@@ -142,7 +142,7 @@ def test_max_batch_size_gives_the_same_samples_for_a_seed():
 def test_inverse_cdf_sampling_follows_the_distribution_and_skips_zero_mass():
     probs = torch.tensor([[0.0, 0.2, 0.0, 0.5, 0.3]]).repeat(20_000, 1)
     u = torch.rand(20_000, generator=torch.Generator().manual_seed(0))
-    from eopd.rollout import inverse_cdf_sample
+    from eopd.sampling.rollout import inverse_cdf_sample
 
     ids = inverse_cdf_sample(probs, u)
     freq = torch.bincount(ids, minlength=5).float() / ids.numel()

@@ -22,23 +22,23 @@ from typing import Any
 import pytest
 import torch
 
-from eopd.checkpoint import latest_checkpoint
-from eopd.components import build_components
 from eopd.config import ConfigError, load_config
 from eopd.losses import gate_undecided
-from eopd.models import build_tiny_checkpoint, load_causal_lm, load_tokenizer
-from eopd.rollout import Rollout, sample
-from eopd.served_teacher import API_KEY_ENV, ServedTeacher, TeacherMismatchError
-from eopd.teacher import HFTeacher, TeacherUnavailableError
-from eopd.teacher_protocol import (
+from eopd.models.loading import build_tiny_checkpoint, load_causal_lm, load_tokenizer
+from eopd.sampling.rollout import Rollout, sample
+from eopd.teachers.protocol import (
     ResponseMismatchError,
     error_message,
     model_ids,
     parse_completion_response,
     tokenize_ids,
 )
+from eopd.teachers.served import API_KEY_ENV, ServedTeacher, TeacherMismatchError
+from eopd.teachers.teacher import HFTeacher, TeacherUnavailableError
 from eopd.tracking import read_metrics
-from eopd.trainer import train
+from eopd.training.checkpoint import latest_checkpoint
+from eopd.training.components import build_components
+from eopd.training.trainer import train
 
 from .conftest import REPO
 
@@ -300,7 +300,7 @@ def test_killed_server_stops_the_run_with_one_line_and_resume_finishes(tiny_mode
 
 def corrupt_completions(monkeypatch, edit, times: int) -> list[int]:
     """Let the first ``times`` completions answers through ``edit``; returns a call counter."""
-    import eopd.served_teacher as st
+    import eopd.teachers.served as st
 
     real, calls = st.request_json, []
 

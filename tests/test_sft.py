@@ -10,16 +10,16 @@ import torch
 import torch.nn.functional as F
 from tokenizers import processors
 
-import eopd.optim
-import eopd.sft
+import eopd.training.optim
+import eopd.world.sft
 from eopd.commands.sft import main
 from eopd.config import ConfigError
-from eopd.models import build_tiny_qwen3, load_causal_lm, load_tokenizer
-from eopd.optim import lr_curve
+from eopd.models.char_tokenizer import build_char_tokenizer
+from eopd.models.loading import build_tiny_qwen3, load_causal_lm, load_tokenizer
 from eopd.prompting import encode_prompts
-from eopd.sft import IGNORE_INDEX, SFTConfig, collate, completion_loss, encode_example, train_sft
 from eopd.tasks.arithmetic import ArithmeticConfig, sample_traces
-from eopd.tokenizer import build_char_tokenizer
+from eopd.training.optim import lr_curve
+from eopd.world.sft import IGNORE_INDEX, SFTConfig, collate, completion_loss, encode_example, train_sft
 
 
 def _tiny_model(vocab_size: int, seed: int = 0) -> torch.nn.Module:
@@ -89,10 +89,10 @@ def test_learning_rates_and_betas_come_from_eopd_optim(monkeypatch) -> None:
     optimizers: list[torch.optim.Optimizer] = []
 
     def recording_build_optimizer(*args, **kwargs):
-        optimizers.append(eopd.optim.build_optimizer(*args, **kwargs))
+        optimizers.append(eopd.training.optim.build_optimizer(*args, **kwargs))
         return optimizers[-1]
 
-    monkeypatch.setattr(eopd.sft, "build_optimizer", recording_build_optimizer)
+    monkeypatch.setattr(eopd.world.sft, "build_optimizer", recording_build_optimizer)
     lrs: list[float] = []
     train_sft(_tiny_model(len(tok)), tok, [("1+2=", "1+2=3;3"), ("2+2=", "2+2=4;4")], cfg,
               on_step=lambda s, loss, lr: lrs.append(lr))

@@ -24,11 +24,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eopd.served_teacher import API_KEY_ENV, HTTPStatusError, ServedTeacher, TeacherMismatchError, request_json
-from eopd.teacher import TeacherUnavailableError
-from eopd.teacher_protocol import ResponseMismatchError, parse_completion_response, position_entry
-from eopd.teacher_server import rollout_of
-from eopd.tokenizer import build_char_tokenizer
+from eopd.models.char_tokenizer import build_char_tokenizer
+from eopd.teachers.protocol import ResponseMismatchError, parse_completion_response, position_entry
+from eopd.teachers.served import API_KEY_ENV, HTTPStatusError, ServedTeacher, TeacherMismatchError, request_json
+from eopd.teachers.server import rollout_of
+from eopd.teachers.teacher import TeacherUnavailableError
 
 V = 17  # the character tokenizer's vocabulary: 3 specials + 14 characters
 K = 3

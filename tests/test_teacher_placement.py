@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import torch
 
-from eopd.components import build_components, teacher_placement
 from eopd.config import ConfigError, ModelsConfig, TrainConfig, load_config
-from eopd.rollout import Rollout, sample
-from eopd.teacher import HFTeacher, TeacherScores
-from eopd.trainer import run
+from eopd.sampling.rollout import Rollout, sample
+from eopd.teachers.teacher import HFTeacher, TeacherScores
+from eopd.training.components import build_components, teacher_placement
+from eopd.training.trainer import run
 
 from .conftest import REPO
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from eopd.tokenizer import DEFAULT_ALPHABET, alphabet_of, build_char_tokenizer
+from eopd.models.char_tokenizer import DEFAULT_ALPHABET, alphabet_of, build_char_tokenizer
 
 
 def test_round_trip_one_token_per_character() -> None:

@@ -12,16 +12,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from eopd.checkpoint import latest_checkpoint, list_checkpoints
-from eopd.components import build_components
 from eopd.config import ConfigError, load_config
-from eopd.forward import completion_logits
 from eopd.losses import forward_kl, reverse_kl
-from eopd.models import ModelLoadError, aligned_vocab_size, build_tiny_checkpoint, load_causal_lm
+from eopd.models.loading import ModelLoadError, aligned_vocab_size, build_tiny_checkpoint, load_causal_lm
 from eopd.prompting import encode_prompts
-from eopd.rollout import sample
+from eopd.sampling.forward import completion_logits
+from eopd.sampling.rollout import sample
 from eopd.tracking import read_metrics
-from eopd.trainer import run, train
+from eopd.training.checkpoint import latest_checkpoint, list_checkpoints
+from eopd.training.components import build_components
+from eopd.training.trainer import run, train
 
 from .conftest import REPO
 
@@ -270,7 +270,7 @@ def test_step_prompt_indices_follow_one_seeded_permutation_per_pass():
     """The data order's properties, not its formula: every pass over the data is a permutation of all
     prompts, reshuffled each pass and by the seed; resuming at any data position continues the same
     stream; the ranks split each step's prompts into equal disjoint shares whose union is the 1-process step."""
-    from eopd.collect import step_prompt_indices
+    from eopd.training.collect import step_prompt_indices
 
     n, count = 10, 8
     stream = step_prompt_indices(n, 0, 4 * n, 3, rank=0, world=1)  # one process, four passes in one call

@@ -9,16 +9,15 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from eopd import world
 from eopd.commands.world import main as world_cli
 from eopd.config import ConfigError
-from eopd.evaluation import pass_at_k
+from eopd.evaluation.loop import pass_at_k
 from eopd.folders import FolderExistsError
-from eopd.models import load_causal_lm, load_tokenizer
-from eopd.sft import SFTConfig
+from eopd.models.char_tokenizer import build_char_tokenizer
+from eopd.models.loading import load_causal_lm, load_tokenizer
 from eopd.tasks.arithmetic import ArithmeticConfig, ArithmeticTask
-from eopd.tokenizer import build_char_tokenizer
-from eopd.world import (
+from eopd.world import build as world
+from eopd.world.build import (
     ModelSpec,
     WorldConfig,
     build_world,
@@ -27,6 +26,7 @@ from eopd.world import (
     measure,
     world_config_from_dict,
 )
+from eopd.world.sft import SFTConfig
 
 # A three-term world small enough to train inside the test suite (~18 s on one thread), yet real: the
 # teacher learns four order styles; it measured pass@1 0.805, 1.86 distinct correct paths out of 4 samples
@@ -358,7 +358,7 @@ def test_cli_world_flag_picks_a_registered_world(tmp_path: Path, capsys, monkeyp
     assert world_cli(["--eval-problems", "0", "--cache-dir", str(tmp_path)]) == 0  # the default: the demo's
     assert built[-1] == world.named_world_config(world.DEFAULT_WORLD) == world.named_world_config("multi-path")
     # the demo config names its default world; --config reads that name too
-    from eopd.demo import DEMO_CONFIG
+    from eopd.world.demo import DEMO_CONFIG
 
     assert world_cli(["--config", str(DEMO_CONFIG), "--eval-problems", "0", "--cache-dir", str(tmp_path)]) == 0
     assert built[-1] == world.named_world_config("multi-path")

@@ -3,10 +3,10 @@
 Read-me-first map of the package:
 
 - ``eopd.losses``   pure loss functions (divergences, entropy weights, composed objectives, fused path)
-- ``eopd.rollout``  student sampling with a KV cache and an explicit ``torch.Generator``
-- ``eopd.teacher``  teacher scoring (entropy, top-k, sampled-token log-probs) behind a small interface
-- ``eopd.trainer``  one flat on-policy loop: sample -> score -> loss -> AdamW
-- ``eopd.evaluation`` Avg@k, unbiased pass@k, math benchmarks
+- ``eopd.sampling.rollout``  student sampling with a KV cache and an explicit ``torch.Generator``
+- ``eopd.teachers.teacher``  teacher scoring (entropy, top-k, sampled-token log-probs) behind a small interface
+- ``eopd.training.trainer``  one flat on-policy loop: sample -> score -> loss -> AdamW
+- ``eopd.evaluation.loop`` Avg@k, unbiased pass@k, math benchmarks
 - ``eopd.tasks``    prompts + graders (synthetic multi-path arithmetic, math benchmarks)
 """
 

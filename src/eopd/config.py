@@ -61,7 +61,7 @@ class TinyModelSpec:
 
 
 #: Module names that are a causal LM's input or output embedding in common Hugging Face models: a LoRA
-#: adapter there is refused (``eopd.lora.check_embeddings_not_adapted`` has the reason and the exact check).
+#: adapter there is refused (``eopd.training.lora.check_embeddings_not_adapted`` has the reason and the exact check).
 EMBEDDING_MODULE_NAMES = ("lm_head", "embed_tokens", "wte", "embed_out", "word_embeddings")
 
 
@@ -129,8 +129,6 @@ class ModelsConfig:
         "math_bpe: comma-separated math sources (as data.path) whose problems train the BPE"))
 
     def __post_init__(self) -> None:
-        from eopd.math_tokenizer import MIN_VOCAB_SIZE
-
         require(bool(self.teacher), "models.teacher", "is required (a local folder or a Hub id)")
         require(bool(self.student), "models.student", "is required (a local folder or a Hub id)")
         require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "models.dtype",
@@ -152,6 +150,11 @@ class ModelsConfig:
             if spec is None and _looks_local(path) and not Path(path).expanduser().is_dir():
                 raise ConfigError(f"{key}: folder {path!r} does not exist; give a save_pretrained folder, a Hub "
                                   f"id, or a `{key.replace('models.', 'models.build_')}` section to build one")
+
+
+#: The smallest ``math_bpe`` vocabulary: 256 byte ids, 5 special tokens (3 ChatML, 2 thinking) and one merge.
+#: Here, where the config is checked; ``eopd.models.math_tokenizer`` builds that vocabulary and reads it from here.
+MIN_VOCAB_SIZE = 256 + 5 + 1
 
 
 def _looks_local(path: str) -> bool:

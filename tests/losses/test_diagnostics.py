@@ -10,15 +10,15 @@ import math
 import pytest
 import torch
 
-from eopd.collect import UNASSIGNED, Batch, token_role_ids
 from eopd.losses import ObjectiveConfig, TokenBatch, TokenWeights, objective, prepare_weights
 from eopd.losses.fused import fused_objective, reference_objective
 from eopd.losses.objectives import DIAG_KEYS
 from eopd.losses.scoring import score_from_logits, with_teacher_scores
-from eopd.rollout import Rollout
-from eopd.step_metrics import RAW, finish_raw_sums, merge_metrics, pop_raw_sums
-from eopd.teacher import TeacherScores
-from eopd.update import clip_coef, grad_sums, role_sums
+from eopd.sampling.rollout import Rollout
+from eopd.teachers.teacher import TeacherScores
+from eopd.training.collect import UNASSIGNED, Batch, token_role_ids
+from eopd.training.step_metrics import RAW, finish_raw_sums, merge_metrics, pop_raw_sums
+from eopd.training.update import clip_coef, grad_sums, role_sums
 
 Tensor = torch.Tensor
 LN2, LN5 = math.log(2.0), math.log(5.0)
@@ -377,7 +377,7 @@ def test_token_role_ids_index_sorted_names_and_mask_the_rest() -> None:
 def test_reduce_step_agrees_on_keys_that_only_some_processes_hold() -> None:
     """Two fake processes with different keys: the union is reduced position by position, extremes by
     min/max with neutral fill-ins, so a key one process lacks never shifts another key's value."""
-    from eopd.step_metrics import reduce_step
+    from eopd.training.step_metrics import reduce_step
 
     a = {"loss": 2.0 * 4, "ppo/ratio_max": 1.5, "ppo/ratio_min": 0.9}  # 4 tokens, ratio keys present
     b = {"loss": 1.0 * 2, "zz_only_b": 3.0 * 2}  # 2 tokens, no ratio keys (an empty micro-batch)
@@ -411,7 +411,7 @@ def test_reduce_step_agrees_on_keys_that_only_some_processes_hold() -> None:
 def test_fkl_high_entropy_is_the_gated_mean_whatever_the_micro_batches(path) -> None:
     """The step's ``fkl_high_entropy`` is sum(FKL * gate) / sum(gate) over all its tokens, from raw sums: the
     same for one call or several micro-batches (a token-weighted mean of per-call means is not)."""
-    from eopd.step_metrics import reduce_step
+    from eopd.training.step_metrics import reduce_step
 
     cfg = ObjectiveConfig.preset("eopd", top_k=4)
     case = random_case(cfg, seed=11)

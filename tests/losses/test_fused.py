@@ -363,7 +363,7 @@ def test_no_grad_evaluation() -> None:
 @pytest.mark.parametrize("name", ["eopd", "opd", "fkl"])
 def test_tied_embeddings_tiny_qwen3(name: str) -> None:
     """Gradients reach the shared embedding/lm_head from both uses, as with the model's own lm_head."""
-    from eopd.models import build_tiny_qwen3
+    from eopd.models.loading import build_tiny_qwen3
 
     cfg = ObjectiveConfig.preset(name)
     V = 48

@@ -1,4 +1,4 @@
-"""``eopd demo``: the embedded default, end to end on a laptop CPU (see ``eopd.demo``)."""
+"""``eopd demo``: the embedded default, end to end on a laptop CPU (see ``eopd.world.demo``)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 from eopd.commands.arguments import CommandParser, count, folder_to_write
 from eopd.config import read_yaml_mapping
-from eopd.demo import DEMO_CONFIG, plan_from_args, split_objectives
-from eopd.world import DEFAULT_WORLD, world_names
+from eopd.world.build import DEFAULT_WORLD, world_names
+from eopd.world.demo import DEMO_CONFIG, plan_from_args, split_objectives
 
 
 def parser() -> argparse.ArgumentParser:
@@ -39,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """Run ``eopd demo``; returns the exit code. Every run's config is validated before any world is built."""
-    from eopd.demo import run_demo
+    from eopd.world.demo import run_demo
 
     p = parser()
     args = p.parse_args(argv)

@@ -1,7 +1,7 @@
 """``eopd eval``: Avg@n and unbiased pass@k of a checkpoint on math benchmarks, or ``--compare`` two runs.
 
 The command parses and checks its arguments, loads the benchmarks, the tokenizer and (``hf`` backend) the
-model, and calls ``eopd.evaluation.evaluate_problems`` (the loop the trainer and ``eopd.world.measure``
+model, and calls ``eopd.evaluation.loop.evaluate_problems`` (the loop the trainer and ``eopd.world.build.measure``
 use too), then writes ``results.json`` / ``results.md``::
 
     eopd eval --model PATH_OR_HUB_ID --benchmarks math500,aime24 --n 8
@@ -34,8 +34,8 @@ from eopd.commands.arguments import (
     nonempty,
     seed,
 )
-from eopd.comparison import compare_results, load_results
-from eopd.evaluation import DEFAULT_MAX_NEW_TOKENS, MathGrading, evaluate_problems, write_results
+from eopd.evaluation.comparison import compare_results, load_results
+from eopd.evaluation.loop import DEFAULT_MAX_NEW_TOKENS, MathGrading, evaluate_problems, write_results
 from eopd.tasks.benchmarks import PAPER_BENCHMARKS, PROMPT_SUFFIX
 
 
@@ -153,7 +153,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from eopd.models import load_causal_lm, load_tokenizer, resolve_device
+    from eopd.models.loading import load_causal_lm, load_tokenizer, resolve_device
     from eopd.tasks.benchmarks import load_benchmark
 
     problems = [

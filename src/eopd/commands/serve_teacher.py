@@ -1,6 +1,6 @@
 """``eopd serve-teacher MODEL --port P``: serve a Hugging Face teacher behind vLLM's completions API.
 
-The server (``eopd.teacher_server``) answers the requests ``teacher.url`` sends (token-id prompts with
+The server (``eopd.teachers.server``) answers the requests ``teacher.url`` sends (token-id prompts with
 ``prompt_logprobs=k``) and adds the exact entropy at every position (``--no-entropy`` leaves it out, so the
 trainer falls back to the top-k gate, as with vLLM)::
 
@@ -23,8 +23,8 @@ import socket
 
 from eopd.commands import run_command
 from eopd.commands.arguments import DTYPE_CHOICES, CommandParser, UsageError, count, device, nonempty, port
-from eopd.served_teacher import API_KEY_ENV
-from eopd.served_teacher import api_key as api_key_from_env
+from eopd.teachers.served import API_KEY_ENV
+from eopd.teachers.served import api_key as api_key_from_env
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -117,8 +117,8 @@ def main(argv: list[str]) -> int:
         import torch
         from transformers.utils import logging as hf_logging
 
-        from eopd.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
-        from eopd.teacher_server import TeacherHTTPServer, TeacherService
+        from eopd.models.loading import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+        from eopd.teachers.server import TeacherHTTPServer, TeacherService
 
         hf_logging.disable_progress_bar()
         if args.num_threads:

@@ -1,7 +1,7 @@
 """``eopd sft``: train a small causal LM from scratch on any task's (prompt, completion) traces.
 
 The command reads a JSONL file, builds a character tokenizer over the traces' characters and a tiny Qwen3,
-trains it with ``eopd.sft.train_sft`` and writes an ordinary Hugging Face folder (never over an existing
+trains it with ``eopd.world.sft.train_sft`` and writes an ordinary Hugging Face folder (never over an existing
 one)::
 
     eopd sft --data traces.jsonl --output-dir out/model --hidden-size 96 --layers 3 --steps 2000
@@ -21,9 +21,9 @@ from eopd.commands import run_command
 from eopd.commands.arguments import CommandParser, UsageError, count, folder_to_write, real, seed
 from eopd.config import ConfigError
 from eopd.folders import atomic_folder, save_model_folder
-from eopd.sft import SFTConfig, train_sft
 from eopd.tasks import DataError
 from eopd.tasks.sources import read_json_rows
+from eopd.world.sft import SFTConfig, train_sft
 
 
 def read_pairs(path: Path) -> list[tuple[str, str]]:
@@ -99,8 +99,8 @@ def print_step(step: int, loss: float, lr: float) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from eopd.models import build_tiny_qwen3
-    from eopd.tokenizer import alphabet_of, build_char_tokenizer
+    from eopd.models.char_tokenizer import alphabet_of, build_char_tokenizer
+    from eopd.models.loading import build_tiny_qwen3
 
     check_model_size(args)
     cfg = with_overrides(SFTConfig(), args)

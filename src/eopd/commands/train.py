@@ -1,4 +1,4 @@
-"""``eopd train CONFIG.yaml [key=value ...]``: parse, load the config, run ``eopd.trainer.train``.
+"""``eopd train CONFIG.yaml [key=value ...]``: parse, load the config, run ``eopd.training.trainer.train``.
 
 The help lists every config key with its default and help text, generated from the config dataclasses.
 """
@@ -44,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """Run ``eopd train``; returns the exit code (2 on bad input, 130 when interrupted)."""
-    from eopd.trainer import train
+    from eopd.training.trainer import train
 
     args = parser().parse_args(argv)
     config, overrides = args.config, list(args.overrides)

@@ -1,6 +1,6 @@
 """``eopd world``: build one of the embedded arithmetic worlds' models and measure them.
 
-A world (``eopd.world``) is what ``eopd demo`` distils: a multi-path teacher and a base student trained from
+A world (``eopd.world.build``) is what ``eopd demo`` distils: a multi-path teacher and a base student trained from
 scratch. The registered ones are named (``configs/worlds/*.yaml``, docs/worlds.md); this command builds one
 on demand, so its figures can be checked before (or without) a demo::
 
@@ -10,7 +10,7 @@ on demand, so its figures can be checked before (or without) a demo::
     eopd world --role teacher --output-dir out/teacher      # one role into a new folder
     eopd world --role student --output-dir out/student --steps 500
 
-Each model is then measured by ``eopd.world.measure`` on held-out prompts (``--eval-problems 0`` skips
+Each model is then measured by ``eopd.world.build.measure`` on held-out prompts (``--eval-problems 0`` skips
 it). ``--threads 2`` reproduces the documented timings on an idle 2-core machine; on a busy one use
 ``--threads 1``. Bad input (a missing or invalid config, an existing --output-dir) ends with one line on
 stderr and exit code 2, before any training.
@@ -36,7 +36,7 @@ from eopd.folders import atomic_folder
 def _parser() -> argparse.ArgumentParser:
     p = CommandParser(
         prog="eopd world",
-        description="Build an embedded arithmetic world (a registered --world, or eopd.world.WorldConfig "
+        description="Build an embedded arithmetic world (a registered --world, or eopd.world.build.WorldConfig "
         "changed by --config): both models into the cache, or one --role into --output-dir; then measure them.",
     )
     p.add_argument("--world", help="a registered world's name (configs/worlds/NAME.yaml; default "
@@ -67,7 +67,7 @@ def load_world_config(path: Path | None, name: str | None = None) -> Any:
     Raises:
         ConfigError: an unknown world; the file is missing, is not YAML, or holds an invalid world.
     """
-    from eopd import world
+    from eopd.world import build as world
 
     if name is not None:
         return world.named_world_config(name)
@@ -96,7 +96,7 @@ def _check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
 
 
 def _print_measurements(model: Any, tokenizer: Any, cfg: Any, role: str, n_problems: int) -> None:
-    from eopd import world
+    from eopd.world import build as world
 
     start = time.perf_counter()
     stats = world.measure(model, tokenizer, world.ArithmeticTask(cfg.task), n_problems=n_problems, n_samples=8,
@@ -106,8 +106,8 @@ def _print_measurements(model: Any, tokenizer: Any, cfg: Any, role: str, n_probl
 
 
 def _build_both(args: argparse.Namespace, cfg: Any) -> int:
-    from eopd import world
-    from eopd.models import load_causal_lm, load_tokenizer
+    from eopd.models.loading import load_causal_lm, load_tokenizer
+    from eopd.world import build as world
 
     paths = world.build_world(cfg, args.cache_dir, log=lambda msg: print(msg, flush=True))
     print(json.dumps({"teacher": str(paths[0]), "student": str(paths[1]), "tokenizer": str(paths[2])}), flush=True)
@@ -119,7 +119,7 @@ def _build_both(args: argparse.Namespace, cfg: Any) -> int:
 
 
 def _build_role(args: argparse.Namespace, cfg: Any) -> int:
-    from eopd import world
+    from eopd.world import build as world
 
     spec = getattr(cfg, args.role)
     spec.sft = with_overrides(spec.sft, args)

@@ -33,7 +33,7 @@ from eopd.losses.weights import SCHEDULES, entropy_quantile, entropy_weight
 
 Tensor = torch.Tensor
 
-#: Prefix of metric sums finished only after the sum over micro-batches and processes (``eopd.step_metrics``):
+#: Prefix of metric sums finished only after the sum over micro-batches and processes (``eopd.training.step_metrics``):
 #: a ratio such as ``fkl_high_entropy`` is reported as its numerator and denominator under this prefix.
 RAW = "raw/"
 
@@ -507,7 +507,7 @@ def summarize(
     ``rkl_estimate`` (sampled k1 estimate of KL(q_old || p_T), when sampled log-probs are given),
     ``fkl_high_entropy`` (the FKL term averaged over gated tokens: its denominator is not the valid tokens, so
     it also comes as its two sums ``raw/fkl_high_entropy/sum`` and ``/gated``, from which a step made of
-    several calls and processes finishes it: ``eopd.step_metrics``) and, for objectives that read
+    several calls and processes finishes it: ``eopd.training.step_metrics``) and, for objectives that read
     ``logp_old``, the PPO ratio statistics of ``ratio_metrics``.
     """
     with torch.no_grad():

@@ -20,7 +20,7 @@ A model whose logits are not the plain lm_head output but a transform of it gets
 ``head_transform_``, the one helper every path (teacher scorer, fused loss, learner log-probs, reference)
 calls: Gemma 2's final-logit soft-cap ``softcap * tanh(logits / softcap)``, applied to the float32 logits
 before the temperature (``softcap=None``: plain logits). The package imports only torch, so the caller
-passes the model's ``softcap`` in (``eopd.head.output_head`` reads it from the model's config).
+passes the model's ``softcap`` in (``eopd.sampling.head.output_head`` reads it from the model's config).
 
 The helpers (``scaled_float_logits``, ``softmax_stats``, ``scaled_softmax_``, ``balanced_chunk``,
 ``head_transform_``, ``softcap_slope_``) are shared with the fused student loss (``fused.py``).
@@ -146,7 +146,7 @@ def head_transform_(logits: Tensor, softcap: float | None, *, inplace: bool = Tr
 
     Gemma 2's ``final_logit_softcapping`` (the same three operations in the same order as its forward, so a
     float32 model's logits are reproduced to the last bit). Every path that builds logits from hidden states
-    calls this, before the temperature; ``eopd.head.check_output_head`` verifies at start that the result is
+    calls this, before the temperature; ``eopd.sampling.head.check_output_head`` verifies at start that the result is
     the model's own logits.
 
     Args:

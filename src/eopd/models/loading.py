@@ -242,19 +242,20 @@ def aligned_vocab_size(teacher: PreTrainedModel, student: PreTrainedModel, token
 
 
 def build_tiny_tokenizer(kind: str, *, alphabet: str, corpus: Sequence[str], vocab_size: int) -> Any:
-    """The tokenizer of built tiny models: ``char`` (one id per character of ``alphabet``, ``eopd.tokenizer``)
+    """The tokenizer of built tiny models: ``char`` (one id per character of ``alphabet``,
+    ``eopd.models.char_tokenizer``)
     or ``math_bpe`` (a Qwen3-style byte-level BPE of ``vocab_size`` ids trained on the problems of the math
-    sources ``corpus``, ``eopd.math_tokenizer``).
+    sources ``corpus``, ``eopd.models.math_tokenizer``).
 
     Raises:
         ValueError: ``kind`` is neither.
     """
     if kind == "char":
-        from eopd.tokenizer import build_char_tokenizer
+        from eopd.models.char_tokenizer import build_char_tokenizer
 
         return build_char_tokenizer(alphabet)
     if kind == "math_bpe":
-        from eopd.math_tokenizer import build_math_tokenizer
+        from eopd.models.math_tokenizer import build_math_tokenizer
 
         return build_math_tokenizer(corpus, vocab_size)
     raise ValueError(f"tokenizer kind must be char or math_bpe, got {kind!r}")
@@ -286,8 +287,8 @@ def build_tiny_checkpoint(
     Raises:
         ValueError: neither or both of ``alphabet`` and ``tokenizer`` are given.
     """
-    from eopd.math_tokenizer import generation_eos_ids
-    from eopd.tokenizer import build_char_tokenizer
+    from eopd.models.char_tokenizer import build_char_tokenizer
+    from eopd.models.math_tokenizer import generation_eos_ids
 
     if (alphabet is None) == (tokenizer is None):
         raise ValueError("give build_tiny_checkpoint a tokenizer or an alphabet (for a character tokenizer), not both")

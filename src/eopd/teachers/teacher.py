@@ -19,12 +19,12 @@ from typing import Any, Protocol
 import torch
 
 from eopd.errors import UserError
-from eopd.forward import completion_hidden_states, completion_logits
-from eopd.head import OutputHead, check_output_head, output_head
 from eopd.losses.scoring import score_chunked, score_from_logits
 from eopd.losses.topk_entropy import gate_undecided, topk_entropy_bounds, topk_entropy_estimate
-from eopd.microbatch import micro_batches
-from eopd.rollout import Rollout
+from eopd.sampling.forward import completion_hidden_states, completion_logits
+from eopd.sampling.head import OutputHead, check_output_head, output_head
+from eopd.sampling.microbatch import micro_batches
+from eopd.sampling.rollout import Rollout
 
 Tensor = torch.Tensor
 
@@ -158,7 +158,7 @@ def _moved(obj: Any, device: torch.device) -> Any:
 class HFTeacher:
     """A Hugging Face causal LM as teacher.
 
-    Its logits are computed from its final hidden states with its own head transform (``eopd.head``), checked
+    Its logits are computed from its final hidden states with its own head transform (``eopd.sampling.head``), checked
     against its own forward when the teacher is built (``check_output_head``): a model whose logits eopd cannot
     reproduce stops there with one line, in-process (``eopd train``) and served (``eopd serve-teacher``) alike.
 
@@ -171,7 +171,7 @@ class HFTeacher:
         temperature: Same as sampling.
         micro_batch_size: Rollout rows per forward.
         max_tokens_per_micro_batch: Instead, rows sorted by length and packed under this many padded tokens
-            per forward (``eopd.microbatch``; the training config's ``optim.max_tokens_per_micro_batch``).
+            per forward (``eopd.sampling.microbatch``; the training config's ``optim.max_tokens_per_micro_batch``).
         chunk_size: Positions per lm_head chunk (None: the scorer's memory-budget default).
         entropy: ``exact`` (or ``auto``): the full-vocabulary entropy; ``topk``: only the top
             ``entropy_top_k`` are used, through ``topk_only_scores`` (the served teacher's gate, measured

@@ -1,7 +1,7 @@
 """``eopd demo``: the embedded default, end to end on a laptop CPU.
 
 1. Build (or load from the cache) a named arithmetic world (``--world``, default ``multi-path``): a
-   teacher trained on several orders of adding the terms and a weaker base student (``eopd.world``).
+   teacher trained on several orders of adding the terms and a weaker base student (``eopd.world.build``).
 2. Distil the base student with each objective and several seeds on one budget of steps, two runs at a time
    (two single-thread processes beat one two-thread process on 2 cores), each run an ordinary
    ``eopd train`` subprocess with periodic evaluation on the world's held-out prompts.
@@ -33,17 +33,9 @@ import torch
 import yaml
 
 from eopd.config import ConfigError, deep_merge, from_dict, require
-from eopd.report import (
-    RunResult,
-    markdown_table,
-    paired_table,
-    plot_curves,
-    plot_entropy_histogram,
-    plot_pass_at_k,
-)
 from eopd.tasks.arithmetic import ArithmeticConfig, ArithmeticTask
 from eopd.tracking import format_duration, read_metrics
-from eopd.world import (
+from eopd.world.build import (
     DEFAULT_WORLD,
     WorldConfig,
     longest_completion,
@@ -51,8 +43,16 @@ from eopd.world import (
     world_document,
     world_names,
 )
+from eopd.world.report import (
+    RunResult,
+    markdown_table,
+    paired_table,
+    plot_curves,
+    plot_entropy_histogram,
+    plot_pass_at_k,
+)
 
-DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 @dataclass
@@ -313,10 +313,10 @@ def teacher_entropy_on_student_samples(teacher_path: Path, student_path: Path, t
     """Teacher entropy at every valid position of the base student's samples on the task's held-out prompts."""
     from transformers.utils import logging as transformers_logging
 
-    from eopd.models import aligned_vocab_size, load_causal_lm, load_tokenizer
+    from eopd.models.loading import aligned_vocab_size, load_causal_lm, load_tokenizer
     from eopd.prompting import encode_prompts
-    from eopd.rollout import sample
-    from eopd.teacher import HFTeacher
+    from eopd.sampling.rollout import sample
+    from eopd.teachers.teacher import HFTeacher
 
     transformers_logging.disable_progress_bar()  # two tiny models: no "Loading weights" bars in the output
     tok = load_tokenizer(student_path)
@@ -365,7 +365,7 @@ def pass_at_k_columns(results: list[RunResult], base: dict[str, float] | None) -
 def write_report(out: Path, results: list[RunResult], base: dict[str, float] | None, plan: DemoPlan,
                  command: str, seconds: float, entropies: list[float], tau: float) -> Path:
     """``report.md`` plus three PNG plots: curves over steps, final pass@k against k, teacher entropy."""
-    from eopd.world import config_dict
+    from eopd.world.build import config_dict
 
     curves = plot_curves(results, [("avg@n", "pass@1 (Avg@8)"), ("pass@8", "pass@8"),
                                    ("distinct_correct_paths", "distinct correct paths")],
@@ -472,7 +472,7 @@ def plan_from_args(config: dict, mode: str, objectives: str | None, seeds: int |
 
 def run_demo(plan: DemoPlan, out: Path, *, workers: int, cache_dir: str | None, command: str) -> Path:
     """The demo driver (see module docstring); returns the report's path."""
-    from eopd.world import build_world
+    from eopd.world.build import build_world
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

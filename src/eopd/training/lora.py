@@ -2,7 +2,7 @@
 
 Why LoRA here: a full fine-tune keeps float32 weights, gradients and two AdamW moments for every student
 parameter (16 bytes each), which is what stops Qwen3-4B fitting one 80 GB GPU, wherever the teacher is
-(docs/scaling.md). With ``models.lora`` only the adapters require gradients, so ``eopd.optim.build_optimizer``
+(docs/scaling.md). With ``models.lora`` only the adapters require gradients, so ``eopd.training.optim.build_optimizer``
 (which keeps only parameters that require gradients) gives AdamW the adapters alone, and checkpoints hold the
 adapter, not the model.
 
@@ -37,7 +37,7 @@ from safetensors import safe_open
 
 from eopd.config import ConfigError, LoraSpec
 from eopd.folders import save_model_folder
-from eopd.models import DamagedFileError, ModelLoadError, damaged_weight_file, load_causal_lm
+from eopd.models.loading import DamagedFileError, ModelLoadError, damaged_weight_file, load_causal_lm
 
 #: The adapter's folder, in a checkpoint and in ``OUTPUT_DIR/final``.
 ADAPTER_DIR = "adapter"

@@ -22,14 +22,14 @@ from typing import Any
 
 import torch
 
-from eopd.collect import Batch
 from eopd.config import OptimConfig
-from eopd.forward import completion_hidden_states, completion_logits
-from eopd.head import logit_softcap, output_head
 from eopd.losses import ObjectiveConfig, ObjectiveOutput, objective
 from eopd.losses.objectives import DIAG_KEYS
-from eopd.microbatch import micro_batches
-from eopd.step_metrics import RAW, ROLE_PARTS, merge_metrics
+from eopd.sampling.forward import completion_hidden_states, completion_logits
+from eopd.sampling.head import logit_softcap, output_head
+from eopd.sampling.microbatch import micro_batches
+from eopd.training.collect import Batch
+from eopd.training.step_metrics import RAW, ROLE_PARTS, merge_metrics
 
 Tensor = torch.Tensor
 
@@ -229,7 +229,7 @@ def ppo_update(
     """Train on one batch: ``optim.ppo_epochs`` passes over it in minibatches of ``optim.minibatch_size``
     sequences (all processes together), micro-batches of ``optim.micro_batch_size`` rows or, with
     ``optim.max_tokens_per_micro_batch``, of rows packed by length under a padded-token budget
-    (``eopd.microbatch``); each micro-batch is trimmed to its own width.
+    (``eopd.sampling.microbatch``); each micro-batch is trimmed to its own width.
 
     With ``optim.recompute_logp_old`` the old log-probs come from the learner's own forward first (and the
     sampler-learner gap is reported as ``ppo/sampler_gap_max`` / ``_mean``).

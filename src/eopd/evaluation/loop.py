@@ -1,13 +1,13 @@
 """The one evaluation loop: sample, grade, name paths, measure entropy per token role, aggregate, write files.
 
 ``evaluate_problems(model, tokenizer, problems, task, ...)`` serves ``eopd eval`` (math benchmarks), the
-trainer's periodic evaluation and ``eopd.world.measure`` (the arithmetic world), so a teacher's figure and a
+trainer's periodic evaluation and ``eopd.world.build.measure`` (the arithmetic world), so a teacher's figure and a
 student's figure always measure the same thing. It samples ``n`` completions per problem through a backend
 (``eval_backends``), grades each with the task, records its reasoning path (``task.path_key``: only for
 correct, faithful solutions) and its entropy per token role (``task.token_roles``), and aggregates per
 benchmark (``problem.meta["benchmark"]``) and across benchmarks. ``task=None`` is math grading (last boxed
 answer, math-verify). Metric definitions: ``docs/metrics.md``; protocol and file format:
-``docs/evaluation.md``. Comparing two runs lives in ``eopd.comparison``, the command line in
+``docs/evaluation.md``. Comparing two runs lives in ``eopd.evaluation.comparison``, the command line in
 ``eopd.commands.eval``.
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from eopd import __version__
-from eopd.eval_backends import Generation, GenerationBackend, RoleEntropy, make_backend, sampling_block
+from eopd.evaluation.backends import Generation, GenerationBackend, RoleEntropy, make_backend, sampling_block
 from eopd.prompting import resolve_chat_template
 from eopd.tasks.base import Problem
 from eopd.tasks.benchmarks import PAPER_BENCHMARKS

@@ -24,9 +24,9 @@ from typing import Any, Protocol
 import torch
 
 from eopd.errors import UserError
-from eopd.forward import completion_entropy_BT
 from eopd.prompting import encode_prompts, eos_token_ids
-from eopd.rollout import decode_completions, sample
+from eopd.sampling.forward import completion_entropy_BT
+from eopd.sampling.rollout import decode_completions, sample
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def sampling_block(batch_size: int, n: int) -> int:
 
 
 class HFBackend:
-    """Sampling with ``eopd.rollout.sample`` (batched, KV cache, explicit generator) on CPU or GPU.
+    """Sampling with ``eopd.sampling.rollout.sample`` (batched, KV cache, explicit generator) on CPU or GPU.
 
     Why blocks: a prompt's samples must not depend on which other prompts a process evaluates (the trainer
     spreads its evaluation over processes). So each call samples one fixed block of ``sampling_block``
@@ -353,7 +353,7 @@ def make_backend(
     ``"vllm"`` one (a checkpoint path or Hub id)."""
     if kind == "hf":
         if not isinstance(model, torch.nn.Module):
-            raise TypeError("the hf backend needs a loaded model (eopd.models.load_causal_lm), not a path")
+            raise TypeError("the hf backend needs a loaded model (eopd.models.loading.load_causal_lm), not a path")
         if generator is None:
             generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
         return HFBackend(

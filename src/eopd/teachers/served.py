@@ -35,9 +35,8 @@ from typing import Any, TypeVar
 import torch
 
 from eopd.errors import UserError
-from eopd.rollout import Rollout
-from eopd.teacher import ENTROPY_MODES, ROW_FIELDS, TeacherScores, TeacherUnavailableError, topk_only_scores
-from eopd.teacher_protocol import (
+from eopd.sampling.rollout import Rollout
+from eopd.teachers.protocol import (
     ENTROPY_FIELD,
     ResponseMismatchError,
     RowScores,
@@ -48,6 +47,7 @@ from eopd.teacher_protocol import (
     tokenize_ids,
     tokenize_request,
 )
+from eopd.teachers.teacher import ENTROPY_MODES, ROW_FIELDS, TeacherScores, TeacherUnavailableError, topk_only_scores
 
 Tensor = torch.Tensor
 T = TypeVar("T")

@@ -5,7 +5,7 @@ log-probs at the sampled tokens (``logp_old``, the PPO reference), computed at e
 loss uses, (2) reproducibility from a ``torch.Generator`` the caller passes in (``generate`` draws from the
 global RNG), and (3) a mask that ends at the first EOS whatever the pad id is. It samples from the model's own
 logits (its forward, soft-cap included), so ``logp_old`` is the model's own log-prob; the learner's recompute
-(``update.learner_logprobs``) reproduces it through ``eopd.head``'s head path.
+(``update.learner_logprobs``) reproduces it through ``eopd.sampling.head``'s head path.
 
 Conventions: prompts are left-padded to a common length ``P``; completions are right-padded to ``T``;
 ``sequences_BL = [prompt_BP | completion_BT]``.

@@ -1,6 +1,6 @@
 """Everything one distillation run holds, built from its config: processes, models, data, optimizer, RNG.
 
-``build_components(cfg)`` is the set-up half of ``eopd train``; the loop (``eopd.trainer``) only reads and
+``build_components(cfg)`` is the set-up half of ``eopd train``; the loop (``eopd.training.trainer``) only reads and
 steps what it returns. Kept apart so a test can build a run's pieces without running it, and so the loop
 file stays one screen.
 
@@ -23,11 +23,9 @@ from typing import Any
 
 import torch
 
-from eopd import checkpoint as ckpt
 from eopd.config import ConfigError, ModelsConfig, TrainConfig
-from eopd.head import check_output_head
 from eopd.losses import AdaptiveTau, ObjectiveConfig
-from eopd.models import (
+from eopd.models.loading import (
     aligned_vocab_size,
     build_tiny_checkpoint,
     build_tiny_tokenizer,
@@ -36,12 +34,14 @@ from eopd.models import (
     resolve_device,
     resolve_dtype,
 )
-from eopd.optim import build_optimizer, build_scheduler
 from eopd.prompting import encode_prompts, eos_token_ids, resolve_chat_template
+from eopd.sampling.head import check_output_head
 from eopd.tasks import build_task
 from eopd.tasks.base import Problem, Task
 from eopd.tasks.sources import split_sources
-from eopd.teacher import HFTeacher, Teacher
+from eopd.teachers.teacher import HFTeacher, Teacher
+from eopd.training import checkpoint as ckpt
+from eopd.training.optim import build_optimizer, build_scheduler
 
 Tensor = torch.Tensor
 
@@ -223,7 +223,7 @@ def build_teacher(cfg: TrainConfig, student: torch.nn.Module, tokenizer: Any,
     m, t = cfg.models, cfg.teacher
     check_output_head(student, m.student)  # the student's head (the teacher's: HFTeacher); outside load_newest
     if t.urls:
-        from eopd.served_teacher import ServedTeacher
+        from eopd.teachers.served import ServedTeacher
 
         vocab_size = aligned_vocab_size(student, student, tokenizer)
         served = ServedTeacher(t.urls, vocab_size=vocab_size, model=t.model, entropy=t.entropy,
@@ -263,7 +263,7 @@ def build_student(cfg: TrainConfig, device: torch.device, checkpoint: Path | Non
     if m.lora is None:
         return load_causal_lm(folder or m.student, device=device, dtype=torch.float32,
                               trust_remote_code=m.trust_remote_code, strict=folder is not None)
-    from eopd import lora
+    from eopd.training import lora
 
     base = load_causal_lm(m.student, device=device, dtype=torch.float32, trust_remote_code=m.trust_remote_code)
     if folder is None:
@@ -313,7 +313,7 @@ def build_components(cfg: TrainConfig) -> Components:
     if resume_from is None:
         student = build_student(cfg, device)
     if m.lora is not None:
-        from eopd.lora import describe
+        from eopd.training.lora import describe
 
         say(describe(student))
     if cfg.optim.gradient_checkpointing and not getattr(student, "supports_gradient_checkpointing", False):

@@ -4,16 +4,16 @@ One home for "run a causal LM over prompt + completion and look at the positions
 tokens", shared by the learner (student loss), the teacher and the evaluation. Completion token ``t`` is
 predicted by the model's output at sequence column ``P - 1 + t`` (``P`` = left-padded prompt width).
 The chunked paths compute logits from the final hidden states with the model's own head transform
-(``eopd.head.output_head``: the lm_head and Gemma 2's soft-cap), checked at start by ``eopd.head``.
+(``eopd.sampling.head.output_head``: the lm_head and Gemma 2's soft-cap), checked at start by ``eopd.sampling.head``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from eopd.head import output_head
 from eopd.losses.scoring import score_chunked
-from eopd.rollout import Rollout, position_ids_from_mask
+from eopd.sampling.head import output_head
+from eopd.sampling.rollout import Rollout, position_ids_from_mask
 
 Tensor = torch.Tensor
 

@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
-from eopd.rollout import Rollout
-from eopd.teacher import HFTeacher, TeacherScores
-from eopd.teacher_protocol import ENTROPY_FIELD, error_body, position_entry
+from eopd.sampling.rollout import Rollout
+from eopd.teachers.protocol import ENTROPY_FIELD, error_body, position_entry
+from eopd.teachers.teacher import HFTeacher, TeacherScores
 
 #: vLLM's answer to a missing or wrong key (``AuthenticationMiddleware``, vllm/entrypoints/serve/middleware/).
 UNAUTHORIZED_BODY = {"error": "Unauthorized"}

@@ -5,7 +5,7 @@ way are ~100K-340K parameters trained for a few hundred steps on a laptop CPU, w
 (accelerate, logging, checkpoints) costs more than the model, and the run must be reproducible from
 explicit seeds without the global RNG. The loop is: tokenize once -> per step draw a batch from a seeded
 permutation -> the model's own causal-LM loss (``labels``, ``IGNORE_INDEX`` on the prompt and padding) ->
-AdamW and the warmup + cosine schedule of ``eopd.optim`` (the distiller's, so both follow one curve).
+AdamW and the warmup + cosine schedule of ``eopd.training.optim`` (the distiller's, so both follow one curve).
 
 Prompts are encoded by ``eopd.prompting.encode_prompts`` without a chat template, exactly as the distiller
 and ``eopd eval`` encode them; the completion follows without special tokens, then the EOS that ends it.
@@ -24,8 +24,8 @@ import torch
 from transformers import PreTrainedModel
 
 from eopd.config import require
-from eopd.optim import build_optimizer, build_scheduler
 from eopd.prompting import encode_prompts, eos_token_ids
+from eopd.training.optim import build_optimizer, build_scheduler
 
 IGNORE_INDEX = -100
 
@@ -42,7 +42,7 @@ class SFTConfig:
         beta1: AdamW beta1.
         beta2: AdamW beta2 (the distiller's default 0.999; the embedded world uses 0.98).
         warmup_steps: Linear warmup from 0 to ``lr`` (must be < ``steps``).
-        min_lr_ratio: The cosine decays towards ``lr * min_lr_ratio`` (``eopd.optim.build_scheduler``).
+        min_lr_ratio: The cosine decays towards ``lr * min_lr_ratio`` (``eopd.training.optim.build_scheduler``).
         grad_clip: Global grad-norm clip (0 disables).
         seed: Seed of the batch order (a local ``torch.Generator``).
         num_threads: ``torch.set_num_threads`` during training (restored after); None leaves the

@@ -15,13 +15,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from eopd.config import MIN_VOCAB_SIZE  # bytes + specials + one merge, checked where the config is
+
 END_OF_TEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS: tuple[str, ...] = (END_OF_TEXT, IM_START, IM_END)
 THINK_TOKENS: tuple[str, ...] = ("<think>", "</think>")
 BYTE_ALPHABET_SIZE = 256
-MIN_VOCAB_SIZE = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS) + len(THINK_TOKENS) + 1  # at least one merge
 
 USER_HEADER = f"{IM_START}user\n"
 ASSISTANT_HEADER = f"{IM_START}assistant\n"

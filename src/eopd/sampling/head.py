@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 
 from eopd.errors import UserError
-from eopd.rollout import Rollout
+from eopd.sampling.rollout import Rollout
 
 Tensor = torch.Tensor
 
@@ -112,8 +112,8 @@ def check_output_head(model: torch.nn.Module, name: str | None = None) -> None:
         UnsupportedHeadError: the largest logit difference exceeds ``relative_tolerance`` of the largest
             logit; the message names the model, the difference and the config field that explains it.
     """
-    from eopd.forward import completion_hidden_states, completion_logits  # forward.py imports this module
     from eopd.losses.scoring import scaled_float_logits
+    from eopd.sampling.forward import completion_hidden_states, completion_logits  # forward.py imports this module
 
     base = _unwrapped(model)
     name = name or getattr(base, "name_or_path", "") or type(base).__name__

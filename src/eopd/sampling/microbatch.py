@@ -7,7 +7,7 @@ rows by length and cuts them into runs whose ``rows x (prompt width + completion
 budget, choosing the cuts that compute the fewest positions (padding included, plus a fixed cost per forward),
 so short rows travel together in wide micro-batches and long ones in narrow ones. Each micro-batch is
 then trimmed to its own width (``Rollout.trimmed``). The loss is unchanged: every micro-batch's loss is divided
-by the minibatch's global valid-token count (``eopd.update``), so how rows are grouped never changes the
+by the minibatch's global valid-token count (``eopd.training.update``), so how rows are grouped never changes the
 gradient; only the order of the floating-point sums does.
 
 The same grouping serves the teacher's scoring pass (``HFTeacher``) and the learner's forward passes.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from eopd.rollout import Rollout
+from eopd.sampling.rollout import Rollout
 
 Tensor = torch.Tensor
 

@@ -25,16 +25,16 @@ from types import FrameType
 
 import torch
 
-from eopd import checkpoint as ckpt
-from eopd.collect import collect_batch, first_failure, step_prompt_indices
-from eopd.components import Components, build_components
 from eopd.config import TrainConfig, to_dict
 from eopd.folders import atomic_folder, save_model_folder
-from eopd.step_metrics import reduce_step
 from eopd.tasks.base import Problem
-from eopd.teacher import TeacherUnavailableError
+from eopd.teachers.teacher import TeacherUnavailableError
 from eopd.tracking import MetricsLogger, truncate_metrics
-from eopd.update import ppo_update
+from eopd.training import checkpoint as ckpt
+from eopd.training.collect import collect_batch, first_failure, step_prompt_indices
+from eopd.training.components import Components, build_components
+from eopd.training.step_metrics import reduce_step
+from eopd.training.update import ppo_update
 
 
 def step(c: Components) -> dict[str, float]:
@@ -114,7 +114,7 @@ def evaluate(c: Components) -> dict[str, float]:
     """
     from accelerate.utils import gather_object
 
-    from eopd.evaluation import evaluate_across_processes, names_paths, result_from_records
+    from eopd.evaluation.loop import evaluate_across_processes, names_paths, result_from_records
 
     e = c.cfg.eval
     g = torch.Generator(device=c.generators["sample"].device).manual_seed(c.cfg.seed + 12_345)
@@ -161,7 +161,7 @@ def save_final(c: Components) -> Path:
 
     A LoRA student is saved twice: merged into its base at ``final`` (plain transformers loads it) and as the
     adapter alone at ``final/adapter`` (peft loads it onto ``models.student``)."""
-    from eopd.lora import is_lora, save_final_folder
+    from eopd.training.lora import is_lora, save_final_folder
 
     final = c.out / "final"
     if c.is_main:

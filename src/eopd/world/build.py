@@ -12,7 +12,7 @@ Which question a world can answer depends on its base student, so worlds are nam
 (``configs/worlds/NAME.yaml``, read by ``world_document``; docs/worlds.md): ``capability-gap`` (the
 ``WorldConfig()`` defaults: a one-path student, can distillation teach new paths?) and ``multi-path`` (a
 student that already has several paths, does distillation keep them?). A world file also carries the demo
-recipe that suits it, read by ``eopd.demo``.
+recipe that suits it, read by ``eopd.world.demo``.
 
 Both models are saved as ordinary Hugging Face folders (``config.json``, ``model.safetensors``, tokenizer
 files) and cached under ``<cache_dir>/<hash of the WorldConfig>/{teacher,student,tokenizer}`` (plus
@@ -43,10 +43,10 @@ import torch
 from transformers import PreTrainedModel
 
 from eopd.config import ConfigError, deep_merge, from_dict, read_yaml_mapping, require
-from eopd.evaluation import evaluate_problems
+from eopd.evaluation.loop import evaluate_problems
 from eopd.folders import FolderExistsError, atomic_folder, save_model_folder
-from eopd.models import build_tiny_qwen3, load_causal_lm, load_tokenizer
-from eopd.sft import SFTConfig, train_sft
+from eopd.models.char_tokenizer import DEFAULT_ALPHABET, build_char_tokenizer
+from eopd.models.loading import build_tiny_qwen3, load_causal_lm, load_tokenizer
 from eopd.tasks.arithmetic import (
     ArithmeticConfig,
     ArithmeticTask,
@@ -54,7 +54,7 @@ from eopd.tasks.arithmetic import (
     sample_traces,
     trace_for_order,
 )
-from eopd.tokenizer import DEFAULT_ALPHABET, build_char_tokenizer
+from eopd.world.sft import SFTConfig, train_sft
 
 WORLD_FORMAT_VERSION = 2  # bump when trace format / training code changes what a config produces
 ROLES: tuple[str, ...] = ("teacher", "student")
@@ -211,7 +211,7 @@ def _without_replaced_values(cls: type, defaults: dict, update: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # The registry of named worlds: one YAML file each under configs/worlds/ (docs/worlds.md)
 
-WORLDS_DIR = Path(__file__).resolve().parent / "configs" / "worlds"
+WORLDS_DIR = Path(__file__).resolve().parents[1] / "configs" / "worlds"
 DEFAULT_WORLD = "multi-path"  # the demo's default (configs/demo.yaml): the paper's setting (docs/evidence.md)
 WORLD_FILE_KEYS: tuple[str, ...] = ("description", "world", "train", "modes")
 
@@ -241,7 +241,7 @@ def world_document(name: str) -> dict:
     """The checked mapping of a world file: ``description``, ``world``, ``train`` and ``modes``.
 
     ``world`` changes ``WorldConfig()`` (``world_config_from_dict``); ``train`` and ``modes`` are the demo
-    recipe that suits the world, read by ``eopd.demo`` (which validates them with the trainer's config);
+    recipe that suits the world, read by ``eopd.world.demo`` (which validates them with the trainer's config);
     missing sections are empty.
 
     Raises:
@@ -446,7 +446,7 @@ def measure(
 ) -> dict[str, float]:
     """Accuracy, path diversity and per-role entropy of a model on the task's first test prompts.
 
-    A thin view of ``eopd.evaluation.evaluate_problems`` (the loop ``eopd eval`` and the trainer use, so the
+    A thin view of ``eopd.evaluation.loop.evaluate_problems`` (the loop ``eopd eval`` and the trainer use, so the
     teacher's figures and the students' measure the same thing): full-vocabulary sampling (top-p 1), no chat
     template, a budget of the longest completion + 4 tokens. Entropy is split by token role
     (``ArithmeticTask.token_roles``): at order-choice tokens (naming a term while >= 2 remain) a multi-path

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from eopd.losses import AdaptiveTau, ObjectiveConfig, TokenBatch, TokenWeights, prepare_weights
-from eopd.rollout import Rollout, sample
-from eopd.teacher import Teacher, TeacherScores, TeacherUnavailableError, teacher_token_sums
+from eopd.sampling.rollout import Rollout, sample
+from eopd.teachers.teacher import Teacher, TeacherScores, TeacherUnavailableError, teacher_token_sums
 
 Tensor = torch.Tensor
 

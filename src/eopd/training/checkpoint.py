@@ -40,9 +40,9 @@ import torch
 
 from eopd.errors import UserError
 from eopd.folders import atomic_folder, save_model_folder
-from eopd.lora import ADAPTER_DIR, is_lora, save_adapter_folder
-from eopd.models import DamagedFileError
+from eopd.models.loading import DamagedFileError
 from eopd.tracking import read_metrics
+from eopd.training.lora import ADAPTER_DIR, is_lora, save_adapter_folder
 
 T = TypeVar("T")
 #: The full student's folder in a checkpoint (a LoRA run writes ``ADAPTER_DIR`` instead).
