@@ -31,7 +31,7 @@ from unittest import mock
 
 import torch
 
-import eopd.evaluation.loop
+import eopd.evaluation
 import eopd.training.collect
 import eopd.training.update
 from eopd.config import load_config
@@ -150,7 +150,7 @@ def step_on_rollout(c: Components, rollout: Rollout, partition: Iterator[list[to
             records.extend(evaluate_shared(*args, **kwargs))
             return records
 
-        with mock.patch.object(eopd.evaluation.loop, "evaluate_across_processes", recording):
+        with mock.patch.object(eopd.evaluation, "evaluate_across_processes", recording):  # where the trainer reads it
             eval_metrics = evaluate(c)
     mine = rollout.select(torch.arange(c.rank, rollout.completion_ids_BT.shape[0], c.world))
     with ExitStack() as patched:

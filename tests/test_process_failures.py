@@ -83,7 +83,7 @@ def test_a_teacher_failure_on_one_process_stops_every_process_with_one_checkpoin
 
 
 def test_first_failure_costs_one_flag_when_all_is_well_and_names_the_first_failing_process() -> None:
-    from eopd.training.collect import first_failure
+    from eopd.training.agree import first_failure
 
     calls: list[str] = []
 

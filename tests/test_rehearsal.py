@@ -262,6 +262,18 @@ def test_chat_template_renders_like_qwen3() -> None:
         "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n")
 
 
+def test_the_configs_vocabulary_floor_is_the_math_tokenizers_own() -> None:
+    """config.py holds the floor (the config checks it at load); it must be exactly what the tokenizer builds."""
+    from eopd.config import MIN_VOCAB_SIZE
+    from eopd.models.math_tokenizer import BYTE_ALPHABET_SIZE, SPECIAL_TOKENS, THINK_TOKENS
+
+    assert BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS) + len(THINK_TOKENS) + 1 == MIN_VOCAB_SIZE  # one merge
+    texts = [p.prompt for p in load_benchmark("aime24")]
+    assert len(train_math_bpe(texts, MIN_VOCAB_SIZE)) == MIN_VOCAB_SIZE
+    with pytest.raises(ValueError, match="at least"):
+        train_math_bpe(texts, MIN_VOCAB_SIZE - 1)
+
+
 def test_bpe_training_is_deterministic() -> None:
     """``ensure_models`` builds a missing model's tokenizer again; it must be the one the other model has."""
     texts = [p.prompt for p in load_benchmark("aime24")]

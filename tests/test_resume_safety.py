@@ -32,12 +32,12 @@ from eopd.training.checkpoint import (
     capture_state,
     checkpoint_dir,
     list_checkpoints,
-    load_trainer_state,
-    steps_disagree,
 )
 from eopd.training.components import build_components
 from eopd.training.optim import build_optimizer, build_scheduler
+from eopd.training.resume import steps_disagree
 from eopd.training.trainer import train
+from eopd.training.trainer_state import load_trainer_state
 
 from .conftest import REPO
 

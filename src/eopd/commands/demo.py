@@ -9,7 +9,7 @@ from pathlib import Path
 
 from eopd.commands.arguments import CommandParser, count, folder_to_write
 from eopd.config import read_yaml_mapping
-from eopd.world.build import DEFAULT_WORLD, world_names
+from eopd.world import DEFAULT_WORLD, world_names
 from eopd.world.demo import DEMO_CONFIG, plan_from_args, split_objectives
 
 

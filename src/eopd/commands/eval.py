@@ -34,7 +34,7 @@ from eopd.commands.arguments import (
     nonempty,
     seed,
 )
-from eopd.evaluation.comparison import compare_results, load_results
+from eopd.evaluation import compare_results, load_results
 from eopd.evaluation.loop import DEFAULT_MAX_NEW_TOKENS, MathGrading, evaluate_problems, write_results
 from eopd.tasks.benchmarks import PAPER_BENCHMARKS, PROMPT_SUFFIX
 
@@ -153,7 +153,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from eopd.models.loading import load_causal_lm, load_tokenizer, resolve_device
+    from eopd.models import load_causal_lm, load_tokenizer, resolve_device
     from eopd.tasks.benchmarks import load_benchmark
 
     problems = [

@@ -23,7 +23,7 @@ import socket
 
 from eopd.commands import run_command
 from eopd.commands.arguments import DTYPE_CHOICES, CommandParser, UsageError, count, device, nonempty, port
-from eopd.teachers.served import API_KEY_ENV
+from eopd.teachers import API_KEY_ENV
 from eopd.teachers.served import api_key as api_key_from_env
 
 
@@ -117,8 +117,8 @@ def main(argv: list[str]) -> int:
         import torch
         from transformers.utils import logging as hf_logging
 
-        from eopd.models.loading import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
-        from eopd.teachers.server import TeacherHTTPServer, TeacherService
+        from eopd.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+        from eopd.teachers import TeacherHTTPServer, TeacherService
 
         hf_logging.disable_progress_bar()
         if args.num_threads:

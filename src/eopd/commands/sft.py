@@ -23,7 +23,7 @@ from eopd.config import ConfigError
 from eopd.folders import atomic_folder, save_model_folder
 from eopd.tasks import DataError
 from eopd.tasks.sources import read_json_rows
-from eopd.world.sft import SFTConfig, train_sft
+from eopd.world import SFTConfig, train_sft
 
 
 def read_pairs(path: Path) -> list[tuple[str, str]]:
@@ -99,8 +99,8 @@ def print_step(step: int, loss: float, lr: float) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from eopd.models import build_tiny_qwen3
     from eopd.models.char_tokenizer import alphabet_of, build_char_tokenizer
-    from eopd.models.loading import build_tiny_qwen3
 
     check_model_size(args)
     cfg = with_overrides(SFTConfig(), args)

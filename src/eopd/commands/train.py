@@ -44,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """Run ``eopd train``; returns the exit code (2 on bad input, 130 when interrupted)."""
-    from eopd.training.trainer import train
+    from eopd.training import train
 
     args = parser().parse_args(argv)
     config, overrides = args.config, list(args.overrides)

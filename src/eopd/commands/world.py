@@ -106,7 +106,7 @@ def _print_measurements(model: Any, tokenizer: Any, cfg: Any, role: str, n_probl
 
 
 def _build_both(args: argparse.Namespace, cfg: Any) -> int:
-    from eopd.models.loading import load_causal_lm, load_tokenizer
+    from eopd.models import load_causal_lm, load_tokenizer
     from eopd.world import build as world
 
     paths = world.build_world(cfg, args.cache_dir, log=lambda msg: print(msg, flush=True))

@@ -25,8 +25,7 @@ import torch
 
 from eopd.errors import UserError
 from eopd.prompting import encode_prompts, eos_token_ids
-from eopd.sampling.forward import completion_entropy_BT
-from eopd.sampling.rollout import decode_completions, sample
+from eopd.sampling import completion_entropy_BT, decode_completions, sample
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ class DamagedFileError(ModelLoadError):
     or tensors that disagree with their config (one missing, another shape). ``path`` is the damaged file or
     folder.
 
-    Only this sets a checkpoint aside (``checkpoint.load_newest``, and only when ``path`` lies inside that
+    Only this sets a checkpoint aside (``resume.load_newest``, and only when ``path`` lies inside that
     checkpoint): anything else that stops a load (out of memory, a permission error, a Hub that cannot be
     reached) says nothing against the files, so the run stops and nothing is moved.
     """

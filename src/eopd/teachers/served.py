@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import torch
 
 from eopd.errors import UserError
-from eopd.sampling.rollout import Rollout
+from eopd.sampling import Rollout
 from eopd.teachers.protocol import (
     ENTROPY_FIELD,
     ResponseMismatchError,

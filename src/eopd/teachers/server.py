@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from eopd.sampling.rollout import Rollout
+from eopd.sampling import Rollout
 from eopd.teachers.protocol import ENTROPY_FIELD, error_body, position_entry
 from eopd.teachers.teacher import HFTeacher, TeacherScores
 

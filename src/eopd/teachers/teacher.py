@@ -21,10 +21,15 @@ import torch
 from eopd.errors import UserError
 from eopd.losses.scoring import score_chunked, score_from_logits
 from eopd.losses.topk_entropy import gate_undecided, topk_entropy_bounds, topk_entropy_estimate
-from eopd.sampling.forward import completion_hidden_states, completion_logits
-from eopd.sampling.head import OutputHead, check_output_head, output_head
-from eopd.sampling.microbatch import micro_batches
-from eopd.sampling.rollout import Rollout
+from eopd.sampling import (
+    OutputHead,
+    Rollout,
+    check_output_head,
+    completion_hidden_states,
+    completion_logits,
+    micro_batches,
+    output_head,
+)
 
 Tensor = torch.Tensor
 

@@ -5,7 +5,10 @@
 - ``collect``       one on-policy batch: student rollout, teacher scores, token weights
 - ``update``        PPO epochs x minibatches x micro-batches, global token normalisation, AdamW
 - ``step_metrics``  one step's metric sums merged over micro-batches and reduced over processes
-- ``checkpoint``    checkpoint state, resume (which checkpoint, proven damage, several processes)
+- ``checkpoint``    one checkpoint: its layout, atomic save, the state ``trainer.pt`` holds
+- ``trainer_state`` reading ``trainer.pt`` without running code; damage told from a refusal
+- ``resume``        which checkpoint a run continues from (proven damage only set aside), whose folder it is
+- ``agree``         a failure on any process stops every process at one point, with the same line
 - ``optim``         the AdamW builder and the warmup + cosine schedule (trainer and SFT)
 - ``lora``          LoRA students through peft
 """

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from eopd.losses import AdaptiveTau, ObjectiveConfig, TokenBatch, TokenWeights, prepare_weights
-from eopd.sampling.rollout import Rollout, sample
-from eopd.teachers.teacher import Teacher, TeacherScores, TeacherUnavailableError, teacher_token_sums
+from eopd.sampling import Rollout, sample
+from eopd.teachers import Teacher, TeacherScores, TeacherUnavailableError, teacher_token_sums
 
 Tensor = torch.Tensor
 
@@ -123,31 +123,6 @@ def make_token_batch(rollout: Rollout, scores: TeacherScores) -> TokenBatch:
         teacher_logp=scores.logp_BT, teacher_entropy=scores.entropy_BT, teacher_topk_ids=scores.topk_ids_BTK,
         teacher_topk_logprobs=scores.topk_logprobs_BTK, teacher_logits=scores.logits_BTV,
     )
-
-
-def first_failure(
-    message: str | None, *, world: int, reduce_sum: Callable[[Tensor], Tensor],
-    gather: Callable[[list[str | None]], list[str | None]],
-) -> str | None:
-    """The failure of the lowest process that failed (``None`` when none did), agreed by all processes.
-
-    Every process calls it at the same point of the step, failed or not: one all-reduce of a flag (the cost
-    of a step that went well), then, only when some process failed, one gather of the messages. So a
-    failure one process sees (a served teacher's non-retryable 400 answer) stops all of them there, before
-    any other collective of the step could pair up with a different one on another process.
-
-    Args:
-        message: This process's failure, or ``None``.
-        world: Number of processes (1: no collective).
-        reduce_sum: Sum over processes of a ``[1]`` float tensor.
-        gather: Every process's one-element list, concatenated in rank order (``accelerate``'s
-            ``gather_object``).
-    """
-    if world == 1:
-        return message
-    if float(reduce_sum(torch.tensor([float(message is not None)]))[0]) == 0:
-        return None
-    return next(m for m in gather([message]) if m is not None)
 
 
 def score_together(

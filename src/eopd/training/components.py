@@ -25,7 +25,7 @@ import torch
 
 from eopd.config import ConfigError, ModelsConfig, TrainConfig
 from eopd.losses import AdaptiveTau, ObjectiveConfig
-from eopd.models.loading import (
+from eopd.models import (
     aligned_vocab_size,
     build_tiny_checkpoint,
     build_tiny_tokenizer,
@@ -35,13 +35,15 @@ from eopd.models.loading import (
     resolve_dtype,
 )
 from eopd.prompting import encode_prompts, eos_token_ids, resolve_chat_template
-from eopd.sampling.head import check_output_head
+from eopd.sampling import check_output_head
 from eopd.tasks import build_task
 from eopd.tasks.base import Problem, Task
 from eopd.tasks.sources import split_sources
-from eopd.teachers.teacher import HFTeacher, Teacher
+from eopd.teachers import HFTeacher, Teacher
 from eopd.training import checkpoint as ckpt
 from eopd.training.optim import build_optimizer, build_scheduler
+from eopd.training.resume import check_same_step, earlier_run, resume_choice
+from eopd.training.trainer_state import load_trainer_state
 
 Tensor = torch.Tensor
 
@@ -223,7 +225,7 @@ def build_teacher(cfg: TrainConfig, student: torch.nn.Module, tokenizer: Any,
     m, t = cfg.models, cfg.teacher
     check_output_head(student, m.student)  # the student's head (the teacher's: HFTeacher); outside load_newest
     if t.urls:
-        from eopd.teachers.served import ServedTeacher
+        from eopd.teachers import ServedTeacher
 
         vocab_size = aligned_vocab_size(student, student, tokenizer)
         served = ServedTeacher(t.urls, vocab_size=vocab_size, model=t.model, entropy=t.entropy,
@@ -304,9 +306,9 @@ def build_components(cfg: TrainConfig) -> Components:
     resume_from, state = None, None
     say = (lambda msg: print(msg, flush=True)) if accelerator.is_main_process else (lambda msg: None)
     if cfg.resume:  # one choice (process 0's), loaded by every process; any failure stops them all
-        found = ckpt.resume_choice(out, lambda p: (build_student(cfg, device, p), ckpt.load_trainer_state(p)),
+        found = resume_choice(out, lambda p: (build_student(cfg, device, p), load_trainer_state(p)),
                                    say=say, rank=accelerator.process_index, world=accelerator.num_processes)
-        if found is None and not ckpt.earlier_run(out):
+        if found is None and not earlier_run(out):
             say(f"resume=true but {out / 'checkpoints'} holds no complete checkpoint: starting fresh")
         elif found is not None:
             resume_from, (student, state) = found[0], found[1]
@@ -354,5 +356,5 @@ def build_components(cfg: TrainConfig) -> Components:
         loop = ckpt.restore_state(state, optimizer=optimizer, scheduler=scheduler,
                                   generators=c.generators, adaptive=adaptive, rank=c.rank, world=c.world)
         c.state = LoopState(**loop)
-        ckpt.check_same_step(c.state.step, c.world)
+        check_same_step(c.state.step, c.world)
     return c

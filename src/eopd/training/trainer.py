@@ -28,11 +28,13 @@ import torch
 from eopd.config import TrainConfig, to_dict
 from eopd.folders import atomic_folder, save_model_folder
 from eopd.tasks.base import Problem
-from eopd.teachers.teacher import TeacherUnavailableError
+from eopd.teachers import TeacherUnavailableError
 from eopd.tracking import MetricsLogger, truncate_metrics
 from eopd.training import checkpoint as ckpt
-from eopd.training.collect import collect_batch, first_failure, step_prompt_indices
+from eopd.training.agree import first_failure, stop_together
+from eopd.training.collect import collect_batch, step_prompt_indices
 from eopd.training.components import Components, build_components
+from eopd.training.resume import claim_output_dir
 from eopd.training.step_metrics import reduce_step
 from eopd.training.update import ppo_update
 
@@ -87,7 +89,7 @@ def step_or_checkpoint(c: Components, logger: MetricsLogger) -> dict[str, float]
     """``step(c)``; when the teacher fails for good, checkpoint the last complete step (random streams put
     back to that step boundary, so a resume continues exactly) and re-raise its one-line error.
 
-    A failure on one process reaches every process at the same point of the step (``collect.first_failure``,
+    A failure on one process reaches every process at the same point of the step (``agree.first_failure``,
     right after the teacher's scoring, before the step's first other collective), so all of them save
     together (``save`` is collective) and stop with the same line: the first failing process's message."""
     boundary = {k: g.get_state() for k, g in c.generators.items()}
@@ -114,7 +116,7 @@ def evaluate(c: Components) -> dict[str, float]:
     """
     from accelerate.utils import gather_object
 
-    from eopd.evaluation.loop import evaluate_across_processes, names_paths, result_from_records
+    from eopd.evaluation import evaluate_across_processes, names_paths, result_from_records
 
     e = c.cfg.eval
     g = torch.Generator(device=c.generators["sample"].device).manual_seed(c.cfg.seed + 12_345)
@@ -205,12 +207,12 @@ def should_stop(c: Components, flag: StopFlag) -> bool:
 def prepare_output(c: Components) -> None:
     """Write the config; on resume drop metrics past the checkpoint. A run that starts at step 1 never mixes
     with or deletes an earlier run's files: it stops, or with ``start_over=true`` moves them aside
-    (``ckpt.claim_output_dir``). All processes call: a refusal on the main one stops every process alike."""
+    (``resume.claim_output_dir``). All processes call: a refusal on the main one stops every process alike."""
     error = None
     if c.is_main:
         try:
             if c.resume_from is None:
-                ckpt.claim_output_dir(c.out, start_over=c.cfg.start_over, resume=c.cfg.resume,
+                claim_output_dir(c.out, start_over=c.cfg.start_over, resume=c.cfg.resume,
                                       say=lambda m: print(m, flush=True))
             c.out.mkdir(parents=True, exist_ok=True)
             (c.out / "config.json").write_text(json.dumps(to_dict(c.cfg), indent=2))
@@ -224,7 +226,7 @@ def prepare_output(c: Components) -> None:
                 metrics.unlink(missing_ok=True)  # empty: a recorded history stopped the run or was moved aside
         except Exception as err:  # every process must stop, with the same line
             error = err
-    ckpt.stop_together(error, c.rank, c.world)
+    stop_together(error, c.rank, c.world)
 
 
 def run(c: Components) -> list[dict[str, float]]:

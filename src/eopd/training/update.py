@@ -25,9 +25,7 @@ import torch
 from eopd.config import OptimConfig
 from eopd.losses import ObjectiveConfig, ObjectiveOutput, objective
 from eopd.losses.objectives import DIAG_KEYS
-from eopd.sampling.forward import completion_hidden_states, completion_logits
-from eopd.sampling.head import logit_softcap, output_head
-from eopd.sampling.microbatch import micro_batches
+from eopd.sampling import completion_hidden_states, completion_logits, logit_softcap, micro_batches, output_head
 from eopd.training.collect import Batch
 from eopd.training.step_metrics import RAW, ROLE_PARTS, merge_metrics
 

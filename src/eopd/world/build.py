@@ -43,10 +43,9 @@ import torch
 from transformers import PreTrainedModel
 
 from eopd.config import ConfigError, deep_merge, from_dict, read_yaml_mapping, require
-from eopd.evaluation.loop import evaluate_problems
+from eopd.evaluation import evaluate_problems
 from eopd.folders import FolderExistsError, atomic_folder, save_model_folder
-from eopd.models.char_tokenizer import DEFAULT_ALPHABET, build_char_tokenizer
-from eopd.models.loading import build_tiny_qwen3, load_causal_lm, load_tokenizer
+from eopd.models import DEFAULT_ALPHABET, build_char_tokenizer, build_tiny_qwen3, load_causal_lm, load_tokenizer
 from eopd.tasks.arithmetic import (
     ArithmeticConfig,
     ArithmeticTask,

@@ -313,10 +313,10 @@ def teacher_entropy_on_student_samples(teacher_path: Path, student_path: Path, t
     """Teacher entropy at every valid position of the base student's samples on the task's held-out prompts."""
     from transformers.utils import logging as transformers_logging
 
-    from eopd.models.loading import aligned_vocab_size, load_causal_lm, load_tokenizer
+    from eopd.models import aligned_vocab_size, load_causal_lm, load_tokenizer
     from eopd.prompting import encode_prompts
-    from eopd.sampling.rollout import sample
-    from eopd.teachers.teacher import HFTeacher
+    from eopd.sampling import sample
+    from eopd.teachers import HFTeacher
 
     transformers_logging.disable_progress_bar()  # two tiny models: no "Loading weights" bars in the output
     tok = load_tokenizer(student_path)

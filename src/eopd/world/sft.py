@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 
 from eopd.config import require
 from eopd.prompting import encode_prompts, eos_token_ids
-from eopd.training.optim import build_optimizer, build_scheduler
+from eopd.training import build_optimizer, build_scheduler
 
 IGNORE_INDEX = -100
 
