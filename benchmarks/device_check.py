@@ -11,6 +11,10 @@ What it measures, at the paper's shapes with nothing downloaded:
    plus filler tokens, so the vocabulary is Qwen3's size; random models sample fillers and run to the token
    budget, which is what a throughput check wants). The task is arithmetic so no dataset is needed.
 
+3. ``benchmarks/sampler_throughput.py`` at Qwen3-0.6B's shape in bfloat16 (64 rows, a 1,024-token budget,
+   geometric lengths of mean 128, 16 rows at once): the sampling engine eager and compiled against HF
+   ``generate`` (its ``summary:`` line, quoted). ``--only sampler`` runs this part alone.
+
 It prints one block, between ``=== eopd device check`` and ``=== end``, to paste into docs: tokens/s per phase
 (sample, teacher, update; mean over steps 2-20), seconds per step, peak GPU memory, and the PPO ratio
 statistics of the first update (1 when the learner's old log-probs are its own, docs/metrics.md).
@@ -67,14 +71,20 @@ class Plan:
     minibatch: int
     new_tokens: int
     loss_args: tuple[str, ...]
+    sampler_args: tuple[str, ...] = ()
 
 
 GPU = Plan("cuda", Shape(1024, 28, 16, 8, 128, 3072, QWEN3_ROWS), Shape(2048, 28, 16, 8, 128, 6144, QWEN3_ROWS),
            QWEN3_TOKENIZER, steps=20, prompts=32, minibatch=8, new_tokens=256,
-           loss_args=("--device", "cuda", "--n", "8192", "--dtype", "bfloat16"))
+           loss_args=("--device", "cuda", "--n", "8192", "--dtype", "bfloat16"),
+           sampler_args=("--device", "cuda", "--dtype", "bfloat16", "--shape", "qwen3-0.6b", "--budget", "1024",
+                         "--rows", "64", "--prompt-len", "64,256", "--repeats", "1", "--variants",
+                         "generate,eager,compiled"))
 CPU_SMOKE = Plan("cpu", Shape(32, 2, 4, 2, 8, 64, 640), Shape(64, 2, 4, 2, 16, 128, 640), 600, steps=3, prompts=4,
                  minibatch=2, new_tokens=12,
-                 loss_args=("--device", "cpu", "--n", "64", "--vocab", "640", "--hidden", "32", "--repeats", "1"))
+                 loss_args=("--device", "cpu", "--n", "64", "--vocab", "640", "--hidden", "32", "--repeats", "1"),
+                 sampler_args=("--device", "cpu", "--rows", "8", "--budget", "32", "--repeats", "1", "--variants",
+                               "legacy,generate,eager"))
 
 
 def filler_tokenizer(size: int):
@@ -129,13 +139,23 @@ def run_overrides(plan: Plan, teacher: Path, student: Path, out: Path) -> list[s
     return over + (["models.dtype=float32", "num_threads=2"] if plan.device == "cpu" else [])
 
 
-def loss_summary(plan: Plan) -> str:
-    """The loss benchmark's ``summary:`` line (or its last error line)."""
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "loss_memory.py"), *plan.loss_args],
+def benchmark_summary(script: str, args: tuple[str, ...]) -> str:
+    """A benchmark's ``summary:`` line (or its last error line)."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args],
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     found = [line for line in lines if line.startswith("summary:")]
     return found[-1] if found else f"FAILED (exit {proc.returncode}): {lines[-1] if lines else ''}"
+
+
+def loss_summary(plan: Plan) -> str:
+    """The loss benchmark's ``summary:`` line (or its last error line)."""
+    return benchmark_summary("loss_memory.py", plan.loss_args)
+
+
+def sampler_summary(plan: Plan) -> str:
+    """The sampler benchmark's ``summary:`` line (or its last error line)."""
+    return benchmark_summary("sampler_throughput.py", plan.sampler_args)
 
 
 def train_summary(plan: Plan, root: Path) -> dict[str, float]:
@@ -170,14 +190,22 @@ def train_summary(plan: Plan, root: Path) -> dict[str, float]:
     return out
 
 
-def report(plan: Plan, loss: str, run: dict[str, float]) -> str:
-    """The block to paste into docs."""
+def report(plan: Plan, loss: str | None, run: dict[str, float] | None, sampler: str) -> str:
+    """The block to paste into docs (``loss`` and ``run`` None: the sampler part alone)."""
     gpu = torch.cuda.get_device_name(0) if plan.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     import transformers
 
+    lines = [f"=== eopd device check: {gpu}; torch {torch.__version__}, transformers {transformers.__version__} ==="]
+    if loss is not None and run is not None:
+        lines += train_lines(plan, loss, run)
+    lines += [f"sampler, {' '.join(plan.sampler_args)}: {sampler}", "=== end ==="]
+    return "\n".join(lines)
+
+
+def train_lines(plan: Plan, loss: str, run: dict[str, float]) -> list[str]:
+    """The block's lines on the fused loss and the shortened training run."""
     s, t = plan.student, plan.teacher
-    return "\n".join([
-        f"=== eopd device check: {gpu}; torch {torch.__version__}, transformers {transformers.__version__} ===",
+    return [
         f"fused loss, {' '.join(plan.loss_args)}: {loss}",
         f"run: configs/paper/qwen3-0.6b-base.yaml shortened: {plan.steps} steps x {plan.prompts} prompts x "
         f"{plan.new_tokens} new tokens, minibatch {plan.minibatch}; random student {s.hidden}x{s.layers} "
@@ -192,22 +220,25 @@ def report(plan: Plan, loss: str, run: dict[str, float]) -> str:
         f"  first step ({plan.prompts // plan.minibatch} updates; the first at ratio 1 by construction, the others "
         "moved by the updates before them): "
         + "  ".join(f"{k.split('/', 2)[2]}={run[k]:.6f}" for k in run if k.startswith("first/")),
-        "=== end ===",
-    ])
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (CI keeps the script working)")
     p.add_argument("--root", default=None, help="where the models and the run go (default: a temporary folder)")
+    p.add_argument("--only", choices=["sampler"], default=None, help="run one part alone (sampler: the sampling "
+                   "engine against HF generate, benchmarks/sampler_throughput.py)")
     args = p.parse_args(argv)
     plan = CPU_SMOKE if args.cpu_smoke else GPU
     if plan.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("device_check: no CUDA device here; run with --cpu-smoke on a CPU")
-    loss = loss_summary(plan)
-    with tempfile.TemporaryDirectory(dir=args.root) as tmp:
-        run = train_summary(plan, Path(tmp))
-    print(report(plan, loss, run), flush=True)
+    loss, run = None, None
+    if args.only is None:
+        loss = loss_summary(plan)
+        with tempfile.TemporaryDirectory(dir=args.root) as tmp:
+            run = train_summary(plan, Path(tmp))
+    print(report(plan, loss, run, sampler_summary(plan)), flush=True)
 
 
 if __name__ == "__main__":

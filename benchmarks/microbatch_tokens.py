@@ -100,7 +100,7 @@ def one_pass(c, rollout: Rollout) -> tuple[float, float]:
     batch = Batch(rollout, scores, tokens, weights)
     t2 = time.perf_counter()
     ppo_update(c.model, batch, obj=c.obj, optim=c.cfg.optim, optimizer=c.optimizer, scheduler=c.scheduler,
-               accelerator=c.accelerator, generator=torch.Generator().manual_seed(1), loss_impl="fused",
+               strategy=c.strategy, generator=torch.Generator().manual_seed(1), loss_impl="fused",
                vocab_size=c.vocab_size, chunk_size=None)
     return t1 - t0, time.perf_counter() - t2
 

@@ -10,7 +10,7 @@ rest. This script measures, for k in {5, 10, 20}, on the valid completion tokens
   (always inside the undecided share: every rule agrees on decided tokens, which the script checks).
 
 Settings (the teacher scores the student's own samples; exact entropy and top-k from one
-``eopd.losses.scoring.score_chunked`` pass through ``eopd.teachers.teacher.HFTeacher``):
+``eopd.losses.scoring.score_chunked`` pass through ``eopd.teachers.HFTeacher``):
 
 - ``qwen<V>``: tiny random Qwen3 models (``eopd.models.loading.build_tiny_qwen3``); the teacher's
   ``initializer_range`` (default 1.2) puts its median entropy near tau = 0.8 at both vocabularies;
@@ -67,7 +67,7 @@ def teacher_setting(name: str, student: torch.nn.Module, teacher: torch.nn.Modul
                     vocab: int, *, n: int, max_new_tokens: int, eos: list[int], pad: int, seed: int) -> Setting:
     """The student samples ``n`` completions per prompt at T = 1; the teacher scores every valid position."""
     from eopd.sampling.rollout import sample
-    from eopd.teachers.teacher import HFTeacher
+    from eopd.teachers import HFTeacher
 
     with torch.no_grad():
         rollout = sample(student, prompts, n=n, max_new_tokens=max_new_tokens, eos_token_ids=eos,

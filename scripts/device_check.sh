@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issue 14), one command for a session with a lent GPU, under 8 minutes on one H200:
+# The prepared GPU check (issues 14, 19), one command for a session with a lent GPU:
 #   bash scripts/device_check.sh               # CUDA: the fused-loss benchmark + a 20-step paper-shaped run
+#                                              #   + the sampler at Qwen3-0.6B's shape (eager, compiled, HF generate)
+#   bash scripts/device_check.sh --only sampler  # the sampler part alone (a few minutes, compilation included)
 #   bash scripts/device_check.sh --cpu-smoke   # the same code with tiny shapes on the CPU (CI runs this)
 # It prints one block (=== eopd device check ... === end) to paste into docs/scaling.md. Nothing is
 # downloaded: models are built from Qwen3's configs. It needs torch and transformers (the GPU machine's image

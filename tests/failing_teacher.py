@@ -18,7 +18,7 @@ from typing import Any
 from eopd.commands import run_command
 from eopd.config import load_config
 from eopd.sampling.rollout import Rollout
-from eopd.teachers.teacher import Teacher, TeacherScores, TeacherUnavailableError
+from eopd.teachers import Teacher, TeacherScores, TeacherUnavailableError
 from eopd.training.components import build_components
 from eopd.training.trainer import run
 

@@ -44,6 +44,12 @@ from eopd.training.update import minibatches, ppo_update
 MIN_IMBALANCE = 0.05  # the halves' valid-token counts differ by at least this share of the larger one
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A detached copy of the whole tensor: gathered from every process when it is an FSDP shard (a DTensor)."""
+    t = t.detach()
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).clone()
+
+
 def full_batch(c: Components, seed: int) -> Batch:
     """The first step's prompts, all of them, sampled and scored with generators every process seeds alike."""
     cfg, r = c.cfg, c.cfg.rollout
@@ -54,7 +60,7 @@ def full_batch(c: Components, seed: int) -> Batch:
         pad_id=c.tokenizer.pad_token_id, vocab_size=c.vocab_size,
         sample_generator=torch.Generator().manual_seed(seed),
         loss_generator=torch.Generator().manual_seed(seed + 1), adaptive=None,
-        fused=cfg.loss_impl == "fused")
+        fused=cfg.loss_impl == "fused", whole_student=lambda: c.strategy.whole(c.student))
 
 
 def uneven_batch(c: Components, tries: int = 100) -> tuple[Batch, int]:
@@ -77,7 +83,7 @@ def record_grads_before_step(c: Components) -> dict[str, torch.Tensor]:
 
     def recording_step(*args: Any, **kwargs: Any) -> Any:
         if not grads:  # the first update only
-            grads.update({n: p.grad.detach().clone() for n, p in c.student.named_parameters() if p.grad is not None})
+            grads.update({n: whole(p.grad) for n, p in c.student.named_parameters() if p.grad is not None})
         return step(*args, **kwargs)
 
     c.optimizer.step = recording_step  # type: ignore[method-assign]
@@ -94,7 +100,7 @@ def first_update_grads(c: Components) -> dict[str, Any]:
     optim = dataclasses.replace(cfg.optim, minibatch_size=batch.num_rows, grad_clip=0.0, ppo_epochs=1)
     grads = record_grads_before_step(c)
     ppo_update(c.model, mine, obj=c.obj, optim=optim, optimizer=c.optimizer, scheduler=c.scheduler,
-               accelerator=c.accelerator, generator=torch.Generator().manual_seed(seed + 2),
+               strategy=c.strategy, generator=torch.Generator().manual_seed(seed + 2),
                loss_impl=cfg.loss_impl, vocab_size=c.vocab_size, chunk_size=cfg.chunk_size)
     return {"grads": grads, "completion_ids": batch.rollout.completion_ids_BT,
             "row_tokens": batch.rollout.completion_mask_BT.sum(1), "seed": seed, "rank": c.rank, "world": c.world}
@@ -106,9 +112,11 @@ def uneven_rollout(c: Components, tries: int = 100) -> tuple[Rollout, int]:
     cfg, r = c.cfg, c.cfg.rollout
     prompts = step_prompt_indices(len(c.problems), 0, r.prompts_per_step, cfg.seed, rank=0, world=1)
     for seed in range(tries):
-        rollout = sample(c.student, [c.prompt_ids[i] for i in prompts], n=r.n, max_new_tokens=r.max_new_tokens,
-                         temperature=r.temperature, eos_token_ids=c.eos_ids, pad_token_id=c.tokenizer.pad_token_id,
-                         generator=torch.Generator().manual_seed(seed), vocab_size=c.vocab_size)
+        with c.strategy.whole(c.student):
+            rollout = sample(c.student, [c.prompt_ids[i] for i in prompts], n=r.n, max_new_tokens=r.max_new_tokens,
+                             temperature=r.temperature, eos_token_ids=c.eos_ids,
+                             pad_token_id=c.tokenizer.pad_token_id, generator=torch.Generator().manual_seed(seed),
+                             vocab_size=c.vocab_size)
         tokens = rollout.completion_mask_BT.sum(1)
         halves = float(tokens[0::2].sum()), float(tokens[1::2].sum())
         if abs(halves[0] - halves[1]) >= MIN_IMBALANCE * max(halves):
@@ -159,7 +167,7 @@ def step_on_rollout(c: Components, rollout: Rollout, partition: Iterator[list[to
             patched.enter_context(mock.patch.object(eopd.training.update, "minibatches",
                                                     lambda *a, **k: next(partition)))
         metrics = step(c)
-    weights = {n: p.detach().clone() for n, p in c.student.named_parameters()}
+    weights = {n: whole(p) for n, p in c.student.named_parameters()}
     return {"metrics": metrics, "weights": weights, "records": records, "eval": eval_metrics, "rank": c.rank,
             "world": c.world}
 

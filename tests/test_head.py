@@ -15,7 +15,7 @@ from eopd.losses.scoring import score_from_logits
 from eopd.sampling.forward import completion_entropy_BT
 from eopd.sampling.head import UnsupportedHeadError, check_output_head
 from eopd.sampling.rollout import Rollout, position_ids_from_mask, sample
-from eopd.teachers.teacher import HFTeacher
+from eopd.teachers import HFTeacher
 from eopd.training.collect import Batch, collect_batch
 from eopd.training.update import learner_logprobs, student_loss
 
@@ -124,7 +124,7 @@ def _loss_and_grads(student, batch: Batch, impl: str, obj: ObjectiveConfig):
     student.zero_grad(set_to_none=True)
     handle = student.model.register_forward_hook(keep)
     try:
-        out = student_loss(student, student.get_output_embeddings(), obj, batch, normalizer=20.0, impl=impl,
+        out = student_loss(student, obj, batch, normalizer=20.0, impl=impl,
                            vocab_size=V, chunk_size=3, diagnostics=True)
         out.loss.backward()
     finally:

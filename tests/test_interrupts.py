@@ -169,7 +169,7 @@ def test_first_update_ratio_is_one_even_when_the_sampler_disagrees(tiny_models, 
         batch.rollout.logp_old_BT += noise * batch.rollout.completion_mask_BT  # the sampler's own numbers
         injected = float((noise * batch.rollout.completion_mask_BT).abs().max())
         sums, _ = ppo_update(c.model, batch, obj=c.obj, optim=c.cfg.optim, optimizer=c.optimizer,
-                             scheduler=c.scheduler, accelerator=c.accelerator, generator=c.generators["shuffle"],
+                             scheduler=c.scheduler, strategy=c.strategy, generator=c.generators["shuffle"],
                              loss_impl="fused", vocab_size=c.vocab_size, chunk_size=None)
         stats[recompute] = sums
     exact = stats[True]

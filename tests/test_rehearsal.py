@@ -183,15 +183,44 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(rehearsal: Rehears
 # (c), (d) two processes
 
 
-def test_two_processes_follow_the_one_process_lr_schedule(rehearsal: Rehearsal) -> None:
+@pytest.fixture(scope="module")
+def ddp_two(rehearsal: Rehearsal) -> tuple[Path, str]:
+    """The rehearsal on two DDP processes: its output folder and what it printed."""
     out = rehearsal.root / "ddp"
-    output = run([*TORCHRUN, *train_cmd(rehearsal, out)])
+    return out, run([*TORCHRUN, *train_cmd(rehearsal, out)])
+
+
+def test_two_processes_follow_the_one_process_lr_schedule(rehearsal: Rehearsal, ddp_two: tuple[Path, str]) -> None:
+    out, output = ddp_two
     assert output.count("done: ") == 1  # printed by the main process only
     one = {m["step"]: m["lr"] for m in read_metrics(rehearsal.out / "metrics.jsonl") if "lr" in m}
     two = {m["step"]: m["lr"] for m in read_metrics(out / "metrics.jsonl") if "lr" in m}
     assert sorted(two) == sorted(one) == list(range(1, rehearsal.cfg(out).max_steps + 1))
     assert len(set(one.values())) == len(one)  # the cosine moves every step: a faster schedule would show
     assert two == one
+
+
+def test_the_rehearsal_sharded_over_two_processes_is_the_ddp_run(rehearsal: Rehearsal,
+                                                                 ddp_two: tuple[Path, str]) -> None:
+    """The paper's path under ``parallel.strategy=fsdp`` on two processes: every step's metrics and the periodic
+    evaluations are those of the two-process DDP run (float sums in another order: to 1e-4), and its final folder
+    is an ordinary HF folder of the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    out = rehearsal.root / "fsdp"
+    run([*TORCHRUN, *train_cmd(rehearsal, out, "parallel.strategy=fsdp")])
+    ddp, fsdp = read_metrics(ddp_two[0] / "metrics.jsonl"), read_metrics(out / "metrics.jsonl")
+    assert [m["step"] for m in fsdp] == [m["step"] for m in ddp] and any("eval/avg@n" in m for m in fsdp)
+    for a, b in zip(ddp, fsdp, strict=True):
+        assert set(a) == set(b)
+        differ = {k: (a[k], b[k]) for k in a if not k.startswith(WALL_CLOCK)
+                  and b[k] != pytest.approx(a[k], rel=1e-4, abs=1e-6, nan_ok=True)}
+        assert not differ, (a["step"], differ)
+    wa = AutoModelForCausalLM.from_pretrained(ddp_two[0] / "final").state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-4, msg=k)
 
 
 def test_two_processes_give_the_one_process_gradient(rehearsal: Rehearsal, one_process: Components) -> None:

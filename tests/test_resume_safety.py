@@ -227,7 +227,7 @@ def test_trainer_state_as_this_project_writes_it_still_loads(finished_run, tiny_
     scheduler.step()
     adaptive = AdaptiveTau(0.3, 0.9)
     adaptive.tau = 0.7
-    written = capture_state(loop={"step": 3, "data_position": 6, "updates": 3}, optimizer=optimizer,
+    written = capture_state(loop={"step": 3, "data_position": 6, "updates": 3}, optimizer_state=optimizer.state_dict(),
                             scheduler=scheduler, generators={"sample": torch.Generator().manual_seed(1)},
                             adaptive=adaptive, rank=0, world=1, config=to_dict(cfg))
     written["cuda_rng"] = {0: torch.zeros(16, dtype=torch.uint8)}  # what a GPU run stores

@@ -26,15 +26,12 @@ from eopd.config import ConfigError, load_config
 from eopd.losses import gate_undecided
 from eopd.models.loading import build_tiny_checkpoint, load_causal_lm, load_tokenizer
 from eopd.sampling.rollout import Rollout, sample
-from eopd.teachers.protocol import (
-    ResponseMismatchError,
-    error_message,
-    model_ids,
-    parse_completion_response,
-    tokenize_ids,
-)
-from eopd.teachers.served import API_KEY_ENV, ServedTeacher, TeacherMismatchError
-from eopd.teachers.teacher import HFTeacher, TeacherUnavailableError
+from eopd.teachers.in_process import HFTeacher
+from eopd.teachers.scores import TeacherMismatchError, TeacherUnavailableError
+from eopd.teachers.served import ServedTeacher
+from eopd.teachers.transport import API_KEY_ENV
+from eopd.teachers.wire.common import ResponseMismatchError, error_message, model_ids, tokenize_ids
+from eopd.teachers.wire.vllm import parse_completion_response
 from eopd.tracking import read_metrics
 from eopd.training.checkpoint import latest_checkpoint
 from eopd.training.components import build_components
@@ -96,10 +93,12 @@ def servers(tiny_models) -> Iterator[dict[str, Server]]:
     """The module's servers, started at once (their start-up is mostly imports):
 
     - ``exact``: our server with exact entropies; prompt_logprobs above 12 refused (like vLLM's --max-logprobs);
-    - ``vllm_like``: ``--no-entropy``, answering like vLLM (top-k only); the kill test kills it.
+    - ``vllm_like``: ``--no-entropy``, answering like vLLM (top-k only); the kill test kills it;
+    - ``sglang``: ``--api sglang``, answering in SGLang's shapes (``/generate``) with exact entropies.
     """
     started = {"exact": Server(tiny_models["teacher"], "--top-k-max", "12"),
-               "vllm_like": Server(tiny_models["teacher"], "--no-entropy")}
+               "vllm_like": Server(tiny_models["teacher"], "--no-entropy"),
+               "sglang": Server(tiny_models["teacher"], "--api", "sglang")}
     try:
         yield {name: s.wait() for name, s in started.items()}
     finally:
@@ -197,7 +196,8 @@ def test_parse_a_vllm_response_payload():
     (lambda c: c["prompt_logprobs"].pop(), "3 prompt_logprobs positions for a 4-token sequence"),
     (lambda c: c["prompt_logprobs"][2].update({"0": c["prompt_logprobs"][2].pop("5")}), "sampled token 5 is missing"),
     (lambda c: [c["prompt_logprobs"][1].pop(i) for i in ("2", "9")], "position 1: 1 entries where the top 2"),
-    (lambda c: c["prompt_logprobs"][3].update({"10": {"logprob": -5.0}}), "token id 10 is outside the vocabulary"),
+    # an unranked extra entry (ids at or above the vocabulary are padded rows, tail mass, only as ranked top-k)
+    (lambda c: c["prompt_logprobs"][3].update({"10": {"logprob": -5.0}}), "id 10 is outside the top 2"),
     (lambda c: c["prompt_logprobs"][3]["6"].update(logprob=float("nan")), "is not a {'logprob': float <= 0}"),
     (lambda c: c.update(prompt_token_ids=[0, 4, 5, 2]), "other token ids than the ones sent"),
     (lambda c: c.update(prompt_entropies=[None, 0.1, 0.2]), "prompt_entropies has 3 positions"),
@@ -321,7 +321,7 @@ def corrupt_completions(monkeypatch, edit, times: int) -> list[int]:
     (lambda b: b["choices"].pop(), "choices for 4 prompts"),
     (lambda b: [p.pop(k) for p in b["choices"][1]["prompt_logprobs"][1:] for k in list(p)[-2:]],
      "entries where the top 5"),
-    (lambda b: b["choices"][2]["prompt_logprobs"][-1].update({"99": {"logprob": -9.0}}), "outside the vocabulary"),
+    (lambda b: next(iter(b["choices"][2]["prompt_logprobs"][-1].values())).update(logprob=3.0), "--logprobs-mode"),
     (lambda b: b["choices"][3].pop("prompt_entropies"), "no prompt_entropies in the answer"),
 ])
 def test_mismatching_responses_are_retried_then_refused(tiny_models, server, monkeypatch, edit, reason):
@@ -358,6 +358,7 @@ def test_another_tokenizer_or_a_refused_request_stops_at_start_in_one_line(tiny_
     (["objective=fkl"], "reads the teacher's full distribution"),
     (["teacher.url=localhost:8000/v1"], "teacher.url: must be http(s)://host:port/v1 URLs"),
     (["teacher.entropy=maybe"], "teacher.entropy: must be auto, exact or topk"),
+    (["teacher.api=openai"], "teacher.api: must be auto, vllm or sglang"),
 ])
 def test_served_teacher_config_errors(overrides, message):
     with pytest.raises(ConfigError) as err:
@@ -470,3 +471,166 @@ def test_request_limits_are_answered_not_allocated(guarded):
     assert status == 400 and "--max-batch-tokens 64" in answer["error"]["message"], answer
     fits = json.dumps({"prompt": [[3]] * 12 + [[3, 4, 5, 6]], "prompt_logprobs": 2}).encode()  # 52 positions
     assert call(guarded.url, "POST", "/v1/completions", fits, FLAG_KEY)[0] == 200
+
+
+# -- (g) SGLang as a served teacher (issue 20) ---------------------------------------------------------------------
+
+# Written from SGLang 0.5.23 (managers/tokenizer_manager.py detokenize_logprob_tokens / add_logprob_to_meta_info,
+# scheduler_components/logprob_result_processor.py): one answer per input, in order; input_token_logprobs are
+# (logprob, id, text) from logprob_start_len on, the first with a null log-prob; input_top_logprobs null first, then
+# k tuples; text null without return_text_in_logprobs; -inf written as null by orjson. Two sequences, k = 2, a
+# 10-id tokenizer, the model's lm_head 12 rows (ids 10 and 11 padded), start offsets 0 and 1.
+SGLANG_RESPONSE = """[
+  {"text": "7", "output_ids": [7], "prompt_token_ids": [0, 4, 5, 1],
+   "meta_info": {"id": "a1", "finish_reason": {"type": "length", "length": 1}, "prompt_tokens": 4,
+                 "completion_tokens": 1, "cached_tokens": 0,
+                 "input_token_logprobs": [[null, 0, null], [-3.5, 4, null], [-0.125, 5, null], [-2.0, 1, null]],
+                 "input_top_logprobs": [null,
+                                        [[-0.5, 2, null], [-1.5, 9, null]],
+                                        [[-0.125, 5, null], [-3.0, 11, null]],
+                                        [[-0.75, 6, null], [-2.0, 1, null]]],
+                 "output_token_logprobs": [[-0.3, 7, null]],
+                 "output_top_logprobs": [[[-0.3, 7, null], [-2.1, 3, null]]]}},
+  {"text": "", "output_ids": [3], "prompt_token_ids": [2, 7, 3],
+   "meta_info": {"id": "a2", "finish_reason": {"type": "length", "length": 1}, "prompt_tokens": 3,
+                 "completion_tokens": 1, "cached_tokens": 0,
+                 "input_token_logprobs": [[null, 7, null], [-0.25, 3, null]],
+                 "input_top_logprobs": [null, [[-0.25, 3, null], [null, 8, null]]],
+                 "output_token_logprobs": [[-1.0, 3, null]],
+                 "output_top_logprobs": [[[-1.0, 3, null], [-1.2, 4, null]]]}}
+]"""
+
+
+def test_parse_an_sglang_generate_payload():
+    from eopd.teachers.wire.sglang import generate_request, parse_generate_response
+
+    seqs, lengths = [[0, 4, 5, 1], [2, 7, 3]], [3, 1]
+    request = generate_request("m", seqs, lengths, 2)
+    assert request["logprob_start_len"] == [0, 1] and request["top_logprobs_num"] == 2
+    assert request["return_logprob"] is True and request["sampling_params"]["max_new_tokens"] == 1
+    a, b = parse_generate_response(json.loads(SGLANG_RESPONSE), seqs, lengths, k=2, vocab_size=10)
+    assert a.logp_T == [-3.5, -0.125, -2.0]
+    assert a.topk_ids_TK == [[2, 9], [5, 5], [6, 1]]  # the padded id 11 left the top-2: its slot repeats id 5
+    assert a.topk_logprobs_TK[1] == [-0.125, float("-inf")] and a.entropy_T is None
+    assert (b.logp_T, b.topk_ids_TK, b.topk_logprobs_TK) == ([-0.25], [[3, 8]], [[-0.25, -9999.0]])  # null: -inf
+    body = json.loads(SGLANG_RESPONSE)
+    body[0]["meta_info"]["input_token_logprobs"][2][1] = 6
+    with pytest.raises(ResponseMismatchError, match="scored id 6 where 5 was sent"):
+        parse_generate_response(body, seqs, lengths, k=2, vocab_size=10)
+    body = json.loads(SGLANG_RESPONSE)
+    body[1]["meta_info"]["input_top_logprobs"].pop()
+    with pytest.raises(ResponseMismatchError, match="1 input_top_logprobs entries for logprob_start_len 1"):
+        parse_generate_response(body, seqs, lengths, k=2, vocab_size=10)
+
+
+def test_sglang_server_scores_like_the_in_process_teacher_and_trains_alike(tiny_models, servers, tmp_path,
+                                                                           monkeypatch):
+    """``eopd serve-teacher --api sglang`` answers SGLang's /generate: ``teacher.api=auto`` finds it by its
+    ``owned_by``, asks for the completion positions only (``logprob_start_len``) and gets the in-process scores;
+    the answers are smaller than vLLM's completions answers for the same rows (no prompt positions)."""
+    import eopd.teachers.served as st
+
+    tok, rollout, teacher = rollout_of(tiny_models)
+    V = len(tok)
+    sizes: dict[str, int] = {}
+    real = st.request_json
+
+    def measured(url: str, payload: dict[str, Any] | None, timeout_s: float) -> Any:
+        body = real(url, payload, timeout_s)
+        if payload is not None and "/tokenize" not in url:
+            sizes[url.rsplit("/", 1)[1]] = sizes.get(url.rsplit("/", 1)[1], 0) + len(json.dumps(body))
+        return body
+
+    monkeypatch.setattr(st, "request_json", measured)
+    served = ServedTeacher([servers["sglang"].url], vocab_size=V, entropy="exact", rows_per_request=9).connect(
+        tok, top_k=5)
+    assert served.formats[servers["sglang"].url].name == "sglang" and served.exact
+    local = HFTeacher(teacher, V, 1.0, micro_batch_size=9).score(rollout, top_k=5, want_logits=False)
+    sizes.clear()
+    got = served.score(rollout, top_k=5, want_logits=False)
+    m = rollout.completion_mask_BT.bool()
+    assert torch.equal(local.topk_ids_BTK[m], got.topk_ids_BTK[m])
+    for f in ("logp_BT", "entropy_BT", "topk_logprobs_BTK"):
+        assert torch.allclose(getattr(local, f)[m], getattr(got, f)[m], atol=2e-5), f
+    vllm_shaped = ServedTeacher([servers["exact"].url], vocab_size=V, entropy="exact", rows_per_request=9).connect(
+        tok, top_k=5)
+    vllm_shaped.score(rollout, top_k=5, want_logits=False)
+    assert 0 < sizes["generate"] < sizes["completions"]  # the prompt positions are not sent back
+
+    in_process = train(served_cfg(tiny_models, tmp_path / "local", None, "max_steps=2"))
+    via_sglang = train(served_cfg(tiny_models, tmp_path / "sglang", servers["sglang"].url, "max_steps=2",
+                                  "teacher.api=sglang", "teacher.entropy=exact"))
+    assert_same_losses(in_process, via_sglang)
+
+
+def test_the_completions_api_of_an_sglang_server_stops_at_start_naming_the_apis(tiny_models, servers):
+    """SGLang's /v1/completions answers 200 and ignores prompt_logprobs: ``teacher.api=vllm`` against it stops at
+    start in one line that points to SGLang's /generate (``teacher.api=sglang``)."""
+    tok = load_tokenizer(tiny_models["student"])
+    with pytest.raises(TeacherMismatchError) as err:
+        ServedTeacher([servers["sglang"].url], vocab_size=len(tok), api="vllm").connect(tok, top_k=4)
+    message = str(err.value)
+    assert "answered 200 without prompt log-probs" in message and "teacher.api=sglang" in message
+    assert "\n" not in message
+
+
+def test_a_row_beyond_the_servers_max_model_len_is_refused_in_one_line(tiny_models, tmp_path):
+    """The server's context (``--max-model-len``, listed in GET /v1/models) bounds prompt + completion: a run whose
+    rows reach it stops with one line naming the keys that bound the length, after checkpointing (nothing lost);
+    a completion budget that leaves no room for any prompt stops at start."""
+    server = Server(tiny_models["teacher"], "--no-entropy", "--max-model-len", "20").wait()
+    try:
+        out = tmp_path / "run"
+        with pytest.raises(TeacherUnavailableError) as err:  # 8-token prompts + up to 12 new tokens
+            train(served_cfg(tiny_models, out, server.url, *FAST_FAIL, "rollout.max_new_tokens=12"))
+        with pytest.raises(TeacherMismatchError) as at_start:
+            build_components(served_cfg(tiny_models, tmp_path / "b", server.url, "rollout.max_new_tokens=19"))
+    finally:
+        server.stop()
+    message = str(err.value)
+    assert "max_model_len - 1 = 19 tokens" in message and "rollout.max_new_tokens" in message, message
+    assert "--max-model-len" in message and "\n" not in message
+    assert latest_checkpoint(out) is not None  # the last complete step, as for any teacher failure
+    assert "rollout.max_new_tokens (19)" in str(at_start.value) and "\n" not in str(at_start.value)
+
+
+# -- (h) several teachers, one of them served: a server that dies checkpoints and stops as with one teacher ---------
+
+
+def test_a_served_teacher_of_several_that_dies_checkpoints_and_resume_finishes(tiny_models, tmp_path):
+    served = Server(tiny_models["teacher"], "--no-entropy").wait()
+    port = int(served.url.split(":")[2].split("/")[0])
+    out = tmp_path / "run"
+    multi = [f"teachers.local.model={tiny_models['teacher']}", f"teachers.remote.url={served.url}",
+             "teachers.remote.tau=1.2", "routing.by=hash", "models.teacher=", "models.build_teacher=null"]
+    cmd = [sys.executable, "-m", "eopd", "train", TINY, f"models.student={tiny_models['student']}",
+           f"output_dir={out}", *SMALL, *FAST_FAIL, *multi, "max_steps=500"]
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(read_metrics(out / "metrics.jsonl")) < 2 and run.poll() is None:
+            time.sleep(0.1)
+        served.kill()
+        stdout, stderr = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+        served.stop()
+    assert run.returncode == 2, stdout + stderr
+    assert "Traceback" not in stdout + stderr
+    assert stderr.strip().count("\n") == 0, stderr
+    assert stderr.startswith("eopd train: teachers.remote: teacher server unavailable: "), stderr
+    done = len(read_metrics(out / "metrics.jsonl"))
+    assert 2 <= done < 500 and f"teacher unavailable: checkpoint saved at step {done};" in stdout
+    assert latest_checkpoint(out).name == f"step_{done:06d}"
+
+    restarted = Server(tiny_models["teacher"], "--no-entropy", port=port).wait()
+    try:
+        cfg = load_config(TINY, [f"models.student={tiny_models['student']}", f"output_dir={out}", *SMALL,
+                                 *FAST_FAIL, *multi, "resume=true", f"max_steps={done + 2}"])
+        history = train(cfg)
+    finally:
+        restarted.stop()
+    assert [h["step"] for h in history] == [done + 1, done + 2]
+    assert history[0]["teacher/remote/share"] > 0 and "teacher/remote/loss" in history[0]
+    assert (out / "final").is_dir()

@@ -25,10 +25,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from eopd.models.char_tokenizer import build_char_tokenizer
-from eopd.teachers.protocol import ResponseMismatchError, parse_completion_response, position_entry
-from eopd.teachers.served import API_KEY_ENV, HTTPStatusError, ServedTeacher, TeacherMismatchError, request_json
+from eopd.teachers.scores import TeacherMismatchError, TeacherUnavailableError
+from eopd.teachers.served import ServedTeacher
 from eopd.teachers.server import rollout_of
-from eopd.teachers.teacher import TeacherUnavailableError
+from eopd.teachers.transport import API_KEY_ENV, HTTPStatusError, request_json
+from eopd.teachers.wire.common import ResponseMismatchError
+from eopd.teachers.wire.vllm import parse_completion_response, position_entry
 
 V = 17  # the character tokenizer's vocabulary: 3 specials + 14 characters
 K = 3
@@ -153,7 +155,9 @@ def valid_body(request: dict[str, Any], sampled_rank: int | None) -> dict[str, A
 
 
 class FakeServer(ThreadingHTTPServer):
-    """Lists model ``m`` and answers completions with ``valid_body``, passed through ``edit`` when set."""
+    """Lists model ``m`` and answers completions with ``valid_body``, passed through ``edit`` when set; ``answer``
+    (request -> (status, body)) replaces that, ``card`` adds fields to the model's ``GET /v1/models`` entry. Any
+    other POST path is a 404, as on vLLM (which has no ``/generate``)."""
 
     daemon_threads = True
 
@@ -161,7 +165,10 @@ class FakeServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), FakeHandler)
         self.sampled_rank = sampled_rank
         self.edit: Callable[[dict[str, Any]], None] | None = None
+        self.answer: Callable[[dict[str, Any]], tuple[int, Any]] | None = None
+        self.card: dict[str, Any] = {}
         self.completions = 0
+        self.requests: list[dict[str, Any]] = []
         self.seen_keys: list[str | None] | None = None  # the Authorization headers, when a list
 
     @property
@@ -174,13 +181,21 @@ class FakeHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self._note_key()
-        self._send({"object": "list", "data": [{"id": "m", "object": "model"}]})
+        self._send({"object": "list", "data": [{"id": "m", "object": "model", **self.server.card}]})
 
     def do_POST(self) -> None:
         self._note_key()
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        body = valid_body(request, self.server.sampled_rank)
+        if self.path != "/v1/completions":
+            self._send({"error": {"message": "Not Found", "code": 404}}, status=404)
+            return
         self.server.completions += 1
+        self.server.requests.append(request)
+        if self.server.answer is not None:
+            status, answer = self.server.answer(request)
+            self._send(answer, status=status)
+            return
+        body = valid_body(request, self.server.sampled_rank)
         if self.server.edit is not None:
             self.server.edit(body)
         self._send(body)
@@ -189,9 +204,9 @@ class FakeHandler(BaseHTTPRequestHandler):
         if self.server.seen_keys is not None:
             self.server.seen_keys.append(self.headers.get("Authorization"))
 
-    def _send(self, body: Any) -> None:
+    def _send(self, body: Any, status: int = 200) -> None:
         data = json.dumps(body).encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -323,3 +338,156 @@ def test_parse_of_a_valid_answer_with_one_node_replaced_raises_only_a_mismatch(d
     body = _request_body()
     path = data.draw(st.sampled_from(list(_paths(body))))
     _parse(_replaced(body, path, value))
+
+
+# -- issue 20: what real vLLM servers do that the fakes above do not -------------------------------------------------
+# Each fake below answers as vLLM 0.34.0 does in that case (read in its wheel); each test failed on the client before.
+
+
+def _answer_with(edit_positions: Callable[[list[int], list[Any]], None]) -> Callable[[dict[str, Any]], tuple[int, Any]]:
+    """An ``answer`` hook: ``valid_body``, then ``edit_positions(ids, prompt_logprobs)`` on every choice."""
+    def answer(request: dict[str, Any]) -> tuple[int, Any]:
+        body = valid_body(request, None)
+        for choice, ids in zip(body["choices"], request["prompt"], strict=True):
+            edit_positions(ids, choice["prompt_logprobs"])
+        return 200, body
+    return answer
+
+
+def _as_logits(shift: float | None) -> Callable[[list[int], list[Any]], None]:
+    """``--logprobs-mode raw_logits``: every value is a logit. ``shift``: log-prob + shift (positive logits);
+    None: small negative logits (-0.1, -0.2, ...) whose top-k sums above 1 though every one is below 0."""
+    def edit(ids: list[int], positions: list[Any]) -> None:
+        for entry in positions[1:]:
+            for n, value in enumerate(sorted(entry.values(), key=lambda v: -v["logprob"])):
+                value["logprob"] = value["logprob"] + shift if shift is not None else -0.1 * (n + 1)
+    return edit
+
+
+@pytest.mark.parametrize("shift", [25.0, None], ids=["positive logits", "negative logits"])
+def test_a_server_sending_logits_stops_at_connect_naming_logprobs_mode(shift: float | None) -> None:
+    """vLLM ``--logprobs-mode raw_logits`` writes logits into the log-prob fields (``compute_topk_scores`` with
+    ``logits_mode``). Positive ones were refused after retries as "not a log-prob"; negative ones were trained
+    on. Either is a top-k that is not a sub-distribution: refused at the first probe, not retried."""
+    with fake_server() as server:
+        server.answer = _answer_with(_as_logits(shift))
+        with pytest.raises(TeacherMismatchError) as err:
+            client(server)
+    assert "--logprobs-mode" in str(err.value) and "\n" not in str(err.value)
+    assert server.completions == 1  # a retry cannot change the server's mode
+
+
+def test_a_padded_lm_head_row_in_the_top_k_counts_as_tail_mass() -> None:
+    """vLLM's top-k runs over the model's padded rows (Qwen3: ids 151,669..151,935 beyond its tokenizer). An id at
+    or above the tokenizer's vocabulary failed the answer, then the run; it is tail mass: out of the top-k, whose
+    freed slot repeats a kept id at log-prob -inf."""
+    padded = V + 1
+
+    def pad(ids: list[int], positions: list[Any]) -> None:
+        for token, entry in zip(ids[1:], positions[1:], strict=True):
+            if token != 1:  # the rank-2 id becomes a padded row
+                entry[str(padded)] = entry.pop("1")
+
+    with fake_server() as server:
+        server.answer = _answer_with(pad)
+        scores = client(server).score(rollout_of(PROMPTS, 0, torch.device("cpu")), top_k=K, want_logits=False)
+    assert int(scores.topk_ids_BTK.max()) < V
+    # row 0 samples [0, 5, 1, 9]: position 2 (token 1) keeps the real top-3, the others lose id 1 to the padded row
+    assert scores.topk_ids_BTK[0].tolist() == [[0, 2, 2], [0, 2, 2], [0, 1, 2], [0, 2, 2]]
+    assert scores.topk_logprobs_BTK[0, 0].tolist() == [-1.0, -3.0, float("-inf")]
+    assert scores.logp_BT[0].tolist() == [-1.0, -20.0, -2.0, -20.0]  # the sampled tokens' own log-probs
+    assert bool(torch.isfinite(scores.entropy_BT).all())
+    # the estimate sees the padded mass as tail: above the entropy of the two kept ids alone
+    assert float(scores.entropy_lower_BT[0, 0]) > 0
+
+
+def test_a_row_longer_than_the_servers_context_is_refused_with_its_cause() -> None:
+    """vLLM answers a sequence of exactly ``max_model_len`` tokens with "max_tokens must be at least 1, got 0" (it
+    clamps ``max_tokens`` to the room left, ``get_max_tokens``). The client reads ``max_model_len`` from
+    ``GET /v1/models`` at connect and refuses such a row before sending it, naming the cause and the keys."""
+    max_len = 20
+
+    def answer(request: dict[str, Any]) -> tuple[int, Any]:
+        longest = max(map(len, request["prompt"]))
+        if longest > max_len:
+            return 400, {"error": {"message": f"Input length ({longest}) exceeds model's maximum context length "
+                                              f"({max_len}).", "code": 400}}
+        if longest == max_len:
+            return 400, {"error": {"message": "max_tokens must be at least 1, got 0.", "code": 400}}
+        return 200, valid_body(request, None)
+
+    with fake_server() as server:
+        server.card = {"max_model_len": max_len}
+        server.answer = answer
+        served = client(server)
+        assert served.max_model_len == max_len
+        fits = served.score(rollout_of([[4, 0, 5, 1, 9] * 3 + [4, 0, 5, 1]], 0, torch.device("cpu")), top_k=K,
+                            want_logits=False)  # 19 tokens: max_model_len - 1
+        assert fits.logp_BT.shape == (1, 18)
+        sent = server.completions
+        with pytest.raises(TeacherUnavailableError) as err:
+            served.score(rollout_of([[4, 0, 5, 1, 9] * 4], 0, torch.device("cpu")), top_k=K, want_logits=False)
+        assert server.completions == sent  # refused before it was sent
+    message = str(err.value)
+    assert "max_model_len" in message and "rollout.max_new_tokens" in message and "20 tokens" in message, message
+    assert "\n" not in message
+
+
+def test_the_ids_the_server_scored_are_checked_against_the_ids_sent() -> None:
+    """``return_token_ids: true`` makes vLLM echo the prompt ids it scored (``prompt_token_ids``, only when asked):
+    the check against the ids sent now runs against vLLM (it never did: the field was never asked for)."""
+    def echo(shift: int) -> Callable[[dict[str, Any]], tuple[int, Any]]:
+        def answer(request: dict[str, Any]) -> tuple[int, Any]:
+            body = valid_body(request, None)
+            if request.get("return_token_ids"):  # vLLM: prompt_token_ids only with return_token_ids
+                for choice, ids in zip(body["choices"], request["prompt"], strict=True):
+                    choice["prompt_token_ids"] = [ids[0] + shift, *ids[1:]]  # e.g. a server that re-tokenized
+            return 200, body
+        return answer
+
+    with fake_server() as server:
+        server.answer = echo(0)
+        served = client(server)
+        rollout = rollout_of(PROMPTS, 0, torch.device("cpu"))
+        served.score(rollout, top_k=K, want_logits=False)  # a faithful echo passes
+        assert server.requests and all(r["return_token_ids"] is True for r in server.requests)
+        server.answer = echo(1)
+        with pytest.raises(TeacherUnavailableError, match="prompt_token_ids differ"):
+            served.score(rollout, top_k=K, want_logits=False)
+
+
+@pytest.mark.parametrize("api", ["vllm", "auto"])
+def test_a_server_answering_without_prompt_logprobs_stops_at_connect_naming_the_apis(api: str) -> None:
+    """SGLang's OpenAI ``/v1/completions`` ignores ``prompt_logprobs`` (absent from its request, unknown fields
+    ignored) and answers 200 without them: one line at start pointing to the supported APIs, not retried (it
+    was rejected as a malformed answer after retries, with a message about positions). With ``api=auto`` the
+    client tries SGLang's ``/generate`` first; this server has none (404)."""
+    def no_prompt_logprobs(request: dict[str, Any]) -> tuple[int, Any]:
+        body = valid_body(request, None)
+        for choice in body["choices"]:
+            del choice["prompt_logprobs"]
+        return 200, body
+
+    with fake_server() as server:
+        server.answer = no_prompt_logprobs
+        served = ServedTeacher([server.url], vocab_size=V, api=api, retries=1, backoff_s=0.0)
+        with pytest.raises(TeacherMismatchError) as err:
+            served.connect(build_char_tokenizer(), top_k=K, check_tokenizer=False)
+    message = str(err.value)
+    assert "without prompt log-probs" in message and "teacher.api=sglang" in message and "\n" not in message
+    assert server.completions == 1
+
+
+def _parse_sglang(body: Any) -> None:
+    from eopd.teachers.wire.sglang import parse_generate_response
+
+    with suppress(ResponseMismatchError):  # anything else fails the test
+        parse_generate_response(body, PROMPTS, [len(p) - 1 for p in PROMPTS], K, V)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=JSON)
+def test_sglang_parse_of_any_json_raises_only_a_mismatch(body: Any) -> None:
+    _parse_sglang(body)
+    _parse_sglang([{"meta_info": body}, {"meta_info": body}])
+    _parse_sglang([{"meta_info": {"input_token_logprobs": body, "input_top_logprobs": body}}] * 2)

@@ -12,7 +12,7 @@ import torch
 
 from eopd.config import ConfigError, ModelsConfig, TrainConfig, load_config
 from eopd.sampling.rollout import Rollout, sample
-from eopd.teachers.teacher import HFTeacher, TeacherScores
+from eopd.teachers import HFTeacher, TeacherScores
 from eopd.training.components import build_components, teacher_placement
 from eopd.training.trainer import run
 

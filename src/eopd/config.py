@@ -129,7 +129,6 @@ class ModelsConfig:
         "math_bpe: comma-separated math sources (as data.path) whose problems train the BPE"))
 
     def __post_init__(self) -> None:
-        require(bool(self.teacher), "models.teacher", "is required (a local folder or a Hub id)")
         require(bool(self.student), "models.student", "is required (a local folder or a Hub id)")
         require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "models.dtype",
                  f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
@@ -222,8 +221,12 @@ class RolloutConfig:
     temperature: float = field(default=1.0, metadata=_help("sampling AND loss temperature"))
     top_p: float = field(default=1.0, metadata=_help("must be 1: training samples the full distribution"))
     max_batch_size: int | None = field(default=None, metadata=_help(
-        "sequences generated at once per process (bounds the KV cache; the samples for a seed do not change). "
-        "Default: the process's whole share of the step"))
+        "sequences decoded at once per process (bounds the KV cache; a finished row's slot goes at once to the "
+        "next waiting row; the samples for a seed do not change). Default: the process's whole share of the step"))
+    compile: bool = field(default=False, metadata=_help(
+        "decode with a compiled one-token step (torch.compile over fixed slots; CUDA graphs on a GPU); falls "
+        "back to eager with one warning line if compilation fails. Off until measured on your GPU "
+        "(docs/performance.md, Sampling)"))
 
     def __post_init__(self) -> None:
         require(self.max_batch_size is None or self.max_batch_size > 0, "rollout.max_batch_size",
@@ -270,6 +273,10 @@ class OptimConfig:
     diagnostics: bool = field(default=True, metadata=_help(
         "log diag/* (each loss term's logit-gradient norm, their cosine, RKL gradient spread on high/low teacher "
         "entropy tokens, applied clip coefficient) and role/* per token role (docs/metrics.md, Diagnostics)"))
+    normalize: str = field(default="global", metadata=_help(
+        "global: a minibatch's loss is its token sum over its valid tokens on all processes (the paper's "
+        "equation) | micro_batch: each micro-batch's own token mean, divided by the process's number of "
+        "micro-batches, processes weighing equally (the public code's pipeline; docs/objectives.md)"))
 
     def __post_init__(self) -> None:
         require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
@@ -285,6 +292,8 @@ class OptimConfig:
         require(self.max_tokens_per_micro_batch is None or self.max_tokens_per_micro_batch > 0,
                 "optim.max_tokens_per_micro_batch", f"must be > 0 (or unset), got {self.max_tokens_per_micro_batch}")
         require(self.ppo_epochs > 0, "optim.ppo_epochs", f"must be > 0, got {self.ppo_epochs}")
+        require(self.normalize in ("global", "micro_batch"), "optim.normalize",
+                f"must be global or micro_batch, got {self.normalize!r}")
 
 
 @dataclass
@@ -310,14 +319,20 @@ class EvalConfig:
 
 @dataclass
 class TeacherConfig:
-    """Where the teacher runs: in-process (``models.teacher``) or behind OpenAI-compatible servers (``url``:
-    ``vllm serve MODEL --max-logprobs 20`` or ``eopd serve-teacher MODEL``; docs/served_teacher.md)."""
+    """Where the teacher runs: in-process (``models.teacher``) or behind servers (``url``: ``vllm serve MODEL
+    --max-logprobs 20``, ``python -m sglang.launch_server --model-path MODEL`` or ``eopd serve-teacher MODEL``;
+    docs/served_teacher.md). With several teachers (``teachers``) these are every served teacher's defaults."""
 
     url: str | list[str] | None = field(default=None, metadata=_help(
         "served teacher: base URL(s) ending in /v1, e.g. http://host:8000/v1; a list (or comma-separated) spreads "
         "requests over servers. Unset: models.teacher is loaded in-process"))
     model: str | None = field(default=None, metadata=_help("model name sent to the server (default: the first "
                                                            "GET /v1/models lists)"))
+    api: str = field(default="auto", metadata=_help(
+        "the servers' scoring API: vllm (POST /v1/completions with prompt_logprobs: vLLM, eopd serve-teacher) | "
+        "sglang (POST /generate with logprob_start_len: SGLang, eopd serve-teacher --api sglang) | auto (found "
+        "at connect: SGLang by GET /v1/models' owned_by, or when the completions API answers without prompt "
+        "log-probs)"))
     entropy: str = field(default="auto", metadata=_help(
         "gate entropy: auto (exact when available: in-process, or a server that sends prompt_entropies; else the "
         "top-k estimate) | exact (required) | topk (estimate from top_logprobs alone, also in-process)"))
@@ -334,21 +349,18 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         require(self.entropy in ("auto", "exact", "topk"), "teacher.entropy",
                  f"must be auto, exact or topk, got {self.entropy!r}")
+        require(self.api in TEACHER_APIS, "teacher.api", f"must be auto, vllm or sglang, got {self.api!r}")
         require(self.top_logprobs >= 1, "teacher.top_logprobs", f"must be >= 1, got {self.top_logprobs}")
         require(self.timeout_s > 0, "teacher.timeout_s", f"must be > 0, got {self.timeout_s}")
         require(self.retries >= 0, "teacher.retries", f"must be >= 0, got {self.retries}")
         require(self.backoff_s >= 0, "teacher.backoff_s", f"must be >= 0, got {self.backoff_s}")
         require(self.max_in_flight >= 1, "teacher.max_in_flight", f"must be >= 1, got {self.max_in_flight}")
-        for url in self.urls:
-            require(_is_http_url(url), "teacher.url", f"must be http(s)://host:port/v1 URLs, got {url!r}")
+        self.urls  # noqa: B018 (checks every URL)
 
     @property
     def urls(self) -> list[str]:
         """The server URLs (empty: in-process teacher)."""
-        items = self.url if isinstance(self.url, list) else [self.url] if self.url else []
-        items = [part for item in items for part in (item.split(",") if isinstance(item, str) else [item])]
-        require(all(isinstance(u, str) for u in items), "teacher.url", f"must be URL strings, got {self.url!r}")
-        return [u.strip() for u in items if u.strip()]
+        return _urls(self.url, "teacher.url")
 
 
 def _is_http_url(url: str) -> bool:
@@ -360,9 +372,111 @@ def _is_http_url(url: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
-def check_served_teacher(cfg: TrainConfig) -> None:
-    """A served teacher's log-probs are at temperature 1 and top-k only: refuse what it cannot score."""
-    if not cfg.teacher.urls:
+#: ``teacher.api`` values (``eopd.teachers.wire.APIS``; here, where the config is checked).
+TEACHER_APIS = ("auto", "vllm", "sglang")
+#: What a teacher's name may hold: it becomes a metric key (``teacher/NAME/loss``) and a routing value.
+TEACHER_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _urls(value: str | list[str] | None, key: str) -> list[str]:
+    """Server URLs from a string (comma-separated) or a list of strings; empty when unset."""
+    items = value if isinstance(value, list) else [value] if value else []
+    items = [part for item in items for part in (item.split(",") if isinstance(item, str) else [item])]
+    require(all(isinstance(u, str) for u in items), key, f"must be URL strings, got {value!r}")
+    urls = [u.strip() for u in items if u.strip()]
+    for url in urls:
+        require(_is_http_url(url), key, f"must be http(s)://host:port/v1 URLs, got {url!r}")
+    return urls
+
+
+@dataclass
+class TeacherSpec:
+    """One of several teachers (``teachers.NAME``; docs/multi_teacher.md): in-process (``model``) or served
+    (``url``), with its own gate settings where they differ from the run's (``loss.tau``, ``loss.top_k``)."""
+
+    model: str | None = field(default=None, metadata=_help(
+        "in-process: the teacher's folder or Hub id; served (with url): the model name sent (default: the first "
+        "the server lists)"))
+    url: str | list[str] | None = field(default=None, metadata=_help(
+        "served: base URL(s) ending in /v1 (a list or comma-separated spreads requests over servers); unset: model "
+        "is loaded in-process"))
+    api: str | None = field(default=None, metadata=_help("served: auto | vllm | sglang (default: teacher.api)"))
+    tau: float | None = field(default=None, metadata=_help("this teacher's entropy threshold (default: loss.tau)"))
+    top_k: int | None = field(default=None, metadata=_help("this teacher's top-k (default: loss.top_k)"))
+    entropy: str | None = field(default=None, metadata=_help("auto | exact | topk (default: teacher.entropy)"))
+    top_logprobs: int | None = field(default=None, metadata=_help(
+        "top-k the top-k entropy estimate reads (default: teacher.top_logprobs)"))
+
+    def __post_init__(self) -> None:
+        require(bool(self.model) or bool(self.url), "model", "or url is required: the teacher's folder or Hub id "
+                "(in-process), or its server's URL (served)")
+        self.url = _urls(self.url, "url") or None
+        require(self.api is None or self.api in TEACHER_APIS, "api", f"must be auto, vllm or sglang, got {self.api!r}")
+        require(self.tau is None or self.tau >= 0, "tau", f"must be >= 0 (nats), got {self.tau}")
+        require(self.top_k is None or self.top_k >= 1, "top_k", f"must be >= 1, got {self.top_k}")
+        require(self.entropy is None or self.entropy in ("auto", "exact", "topk"), "entropy",
+                f"must be auto, exact or topk, got {self.entropy!r}")
+        require(self.top_logprobs is None or self.top_logprobs >= 1, "top_logprobs",
+                f"must be >= 1, got {self.top_logprobs}")
+        if self.url is None and self.model is not None and _looks_local(self.model):
+            require(Path(self.model).expanduser().is_dir(), "model",
+                    f"folder {self.model!r} does not exist; give a save_pretrained folder or a Hub id")
+
+
+@dataclass
+class RoutingConfig:
+    """Which of several teachers scores a prompt (docs/multi_teacher.md); decided once per prompt."""
+
+    by: str = field(default="field", metadata=_help(
+        "field: a field of the prompt's row (data.task jsonl/hf keep each row's short scalar fields; math keeps "
+        "benchmark, the data source, subject, level) | hash: a stable hash of the prompt id, equal shares over the "
+        "teachers in the order listed"))
+    field: str = field(default="teacher", metadata=_help("by=field: the row field read"))
+    # ``dataclasses.field``: the attribute ``field`` above hides the function in this class body
+    map: dict[str, str] = dataclasses.field(default_factory=dict, metadata=_help(
+        "by=field: {field value: teacher name}; empty: the value is the teacher's name"))
+    default: str | None = dataclasses.field(default=None, metadata=_help(
+        "the teacher of prompts whose value is not mapped (or lack the field); unset: such a prompt stops the run "
+        "at its first step, with one line naming it"))
+
+    def __post_init__(self) -> None:
+        require(self.by in ("field", "hash"), "routing.by", f"must be field or hash, got {self.by!r}")
+        require(bool(self.field.strip()), "routing.field", "is empty; name the row field that picks the teacher")
+        self.map = {_route_key(k): v for k, v in self.map.items()}
+
+
+def _route_key(value: Any) -> str:
+    """A ``routing.map`` key as the router compares it (YAML may read ``1`` or ``true`` as non-strings)."""
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def check_teachers(cfg: TrainConfig) -> None:
+    """Where the teachers are and what they can score: ``models.teacher``, ``teacher.url`` or ``teachers``
+    (exactly one way), a served teacher's limits (temperature 1, top-k only), several teachers' (top-k
+    objectives, a fixed tau) and a routing rule that names them."""
+    served = bool(cfg.teacher.urls) or any(spec.url for spec in cfg.teachers.values())
+    if cfg.teachers:
+        require(not cfg.teacher.urls, "teacher.url", "give each teacher's url under teachers.NAME.url, not both")
+        for name in cfg.teachers:
+            require(TEACHER_NAME.fullmatch(name) is not None, f"teachers.{name}",
+                    "a teacher's name may hold letters, digits, '_', '-' and '.' only (it names its metrics)")
+        obj = cfg.objective_config()
+        require(not obj.needs_teacher_logits, "objective",
+                f"{cfg.objective!r} reads the teacher's full distribution; with several teachers only top-k "
+                "objectives (eopd, opd, ...) are supported")
+        require(obj.adaptive_share is None, "loss.adaptive_share",
+                "an adaptive tau is not supported with several teachers (each has its own entropy scale): give "
+                "each its tau (teachers.NAME.tau)")
+        names = sorted(cfg.teachers)
+        for value, name in cfg.routing.map.items():
+            require(name in cfg.teachers, "routing.map", f"{value!r} -> {name!r} names no teacher (teachers: "
+                    f"{', '.join(names)})")
+        require(cfg.routing.default is None or cfg.routing.default in cfg.teachers, "routing.default",
+                f"{cfg.routing.default!r} names no teacher (teachers: {', '.join(names)})")
+    else:
+        require(bool(cfg.models.teacher) or bool(cfg.teacher.urls), "models.teacher",
+                "is required (a local folder or a Hub id), unless teacher.url or a teachers section names the teacher")
+    if not served:
         return
     require(cfg.rollout.temperature == 1, "rollout.temperature",
             f"must be 1 with a served teacher (teacher.url), got {cfg.rollout.temperature}: served log-probs are "
@@ -370,6 +484,37 @@ def check_served_teacher(cfg: TrainConfig) -> None:
     require(not cfg.objective_config().needs_teacher_logits, "objective",
             f"{cfg.objective!r} reads the teacher's full distribution, which a served teacher (teacher.url) does "
             "not return; use a top-k objective (eopd, opd, ...) or an in-process teacher")
+
+
+def check_official_alignment(cfg: TrainConfig) -> None:
+    """``loss.official_alignment`` scores one more position per row (the one after its last token): only the
+    in-process teacher can, one teacher at a time."""
+    if not cfg.objective_config().official_alignment:
+        return
+    require(not cfg.teacher.urls and not cfg.teachers, "loss.official_alignment",
+            "needs one in-process teacher (models.teacher): it reads the teacher's top-k after the last token, which "
+            "a served teacher's prompt log-probs do not reach and several teachers do not support")
+
+
+@dataclass
+class ParallelConfig:
+    """How the student is spread over the run's processes (``eopd.training.sharding``; docs/scaling.md)."""
+
+    strategy: str = field(default="ddp", metadata=_help(
+        "ddp: every process holds the whole student, its gradients and AdamW state | fsdp: each holds a shard "
+        "(FSDP2: every decoder layer and the root sharded, float32 master weights, models.dtype compute); fsdp is "
+        "what fits students that DDP cannot (the paper's 4B on 8 x 80 GB)"))
+    shard_size: int | None = field(default=None, metadata=_help(
+        "fsdp: processes a shard group spans (default: all). Fewer gives HSDP: shard within each group (set it to "
+        "the GPUs of one node), replicate across groups"))
+    reduce_every_micro_batch: bool = field(default=False, metadata=_help(
+        "fsdp: reduce-scatter gradients after every micro-batch instead of once per minibatch: no full-size "
+        "unsharded gradient kept between micro-batches, more communication"))
+
+    def __post_init__(self) -> None:
+        require(self.strategy in ("ddp", "fsdp"), "parallel.strategy", f"must be ddp or fsdp, got {self.strategy!r}")
+        require(self.shard_size is None or self.shard_size > 0, "parallel.shard_size",
+                f"must be > 0 (or unset: all processes), got {self.shard_size}")
 
 
 @dataclass
@@ -401,6 +546,13 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig, metadata=_help("optimizer"))
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=_help("periodic evaluation"))
     teacher: TeacherConfig = field(default_factory=TeacherConfig, metadata=_help("in-process or served teacher"))
+    teachers: dict[str, TeacherSpec] = field(default_factory=dict, metadata=_help(
+        "several teachers routed per prompt: {NAME: {model | url, tau, top_k, ...}} (docs/multi_teacher.md); "
+        "empty: the one teacher of models.teacher / teacher.url"))
+    routing: RoutingConfig = field(default_factory=RoutingConfig, metadata=_help(
+        "with several teachers: which one scores a prompt"))
+    parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata=_help(
+        "ddp or fsdp (sharded) over the processes"))
 
     def __post_init__(self) -> None:
         require(self.max_steps > 0, "max_steps", f"must be > 0, got {self.max_steps}")
@@ -413,7 +565,8 @@ class TrainConfig:
                  f"must divide the rollout batch (rollout.prompts_per_step * rollout.n = {self.rollout.batch_size}),"
                  f" got {self.optim.minibatch_size}")
         self.objective_config()  # validates objective + loss overrides now
-        check_served_teacher(self)
+        check_teachers(self)
+        check_official_alignment(self)
 
     def objective_config(self) -> ObjectiveConfig:
         """The loss: preset ``objective`` with ``loss`` overrides and the rollout temperature."""
@@ -457,6 +610,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: must be a mapping, got {value!r}")
+        item = typing.get_args(tp)[1] if typing.get_args(tp) else None
+        if dataclasses.is_dataclass(item):  # e.g. teachers: {NAME: TeacherSpec}
+            return {k: _convert(v, item, f"{key}.{k}") for k, v in value.items()}
         return dict(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):

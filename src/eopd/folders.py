@@ -92,9 +92,10 @@ def atomic_folder(final: str | Path, *, keep_existing: bool = False) -> Iterator
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_model_folder(path: Path, model: Any, tokenizer: Any) -> None:
-    """``save_pretrained`` a model (safetensors) and, when given, its tokenizer into one folder."""
-    model.save_pretrained(path, safe_serialization=True)
+def save_model_folder(path: Path, model: Any, tokenizer: Any, state_dict: dict[str, Any] | None = None) -> None:
+    """``save_pretrained`` a model (safetensors) and, when given, its tokenizer into one folder; ``state_dict``:
+    the weights to write instead of the model's own (a sharded model's, gathered whole)."""
+    model.save_pretrained(path, safe_serialization=True, **({} if state_dict is None else {"state_dict": state_dict}))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
 

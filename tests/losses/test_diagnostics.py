@@ -15,7 +15,7 @@ from eopd.losses.fused import fused_objective, reference_objective
 from eopd.losses.objectives import DIAG_KEYS
 from eopd.losses.scoring import score_from_logits, with_teacher_scores
 from eopd.sampling.rollout import Rollout
-from eopd.teachers.teacher import TeacherScores
+from eopd.teachers import TeacherScores
 from eopd.training.collect import UNASSIGNED, Batch, token_role_ids
 from eopd.training.step_metrics import RAW, finish_raw_sums, merge_metrics, pop_raw_sums
 from eopd.training.update import clip_coef, grad_sums, role_sums

@@ -1,7 +1,9 @@
 """The ``eopd`` subcommands: each module parses its arguments and calls the library; no training logic here.
 
 ``run_command`` is how every command ends: a ``UserError`` (bad config, data, checkpoint, model...) prints
-one line and exits 2, Ctrl-C exits 130, anything else is a bug and keeps its traceback.
+one line and exits 2, Ctrl-C exits 130, anything else is a bug and keeps its traceback. A command run under
+``torchrun`` leaves its process group closed: left to the interpreter's exit, gloo's threads can abort a process
+that finished its work ("terminate called without an active exception").
 """
 
 from __future__ import annotations
@@ -32,3 +34,5 @@ def run_command(prog: str, body: Callable[[], int | None], *, also: tuple[type[E
         return 130
     finally:
         torch.set_num_threads(threads)  # in-process callers (tests, the demo) keep their setting
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

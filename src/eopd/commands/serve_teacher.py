@@ -1,8 +1,9 @@
-"""``eopd serve-teacher MODEL --port P``: serve a Hugging Face teacher behind vLLM's completions API.
+"""``eopd serve-teacher MODEL --port P``: serve a Hugging Face teacher behind vLLM's completions API (or SGLang's).
 
 The server (``eopd.teachers.server``) answers the requests ``teacher.url`` sends (token-id prompts with
-``prompt_logprobs=k``) and adds the exact entropy at every position (``--no-entropy`` leaves it out, so the
-trainer falls back to the top-k gate, as with vLLM)::
+``prompt_logprobs=k``; with ``--api sglang`` SGLang's ``/generate`` with ``logprob_start_len``) and adds the exact
+entropy at every position (``--no-entropy`` leaves it out, so the trainer falls back to the top-k gate, as with
+vLLM or SGLang)::
 
     export EOPD_TEACHER_API_KEY=...        # on both machines; the server requires it, the client sends it
     eopd serve-teacher Qwen/Qwen3-8B --port 8000 --host 0.0.0.0 --dtype bfloat16
@@ -24,13 +25,14 @@ import socket
 from eopd.commands import run_command
 from eopd.commands.arguments import DTYPE_CHOICES, CommandParser, UsageError, count, device, nonempty, port
 from eopd.teachers import API_KEY_ENV
-from eopd.teachers.served import api_key as api_key_from_env
+from eopd.teachers import api_key as api_key_from_env
 
 
 def _parser() -> argparse.ArgumentParser:
     p = CommandParser(prog="eopd serve-teacher",
                       description="Serve a teacher model behind vLLM's OpenAI-compatible completions API "
-                      "(prompt_logprobs) plus its exact entropies, for teacher.url.")
+                      "(prompt_logprobs), or SGLang's /generate (--api sglang), plus its exact entropies, for "
+                      "teacher.url.")
     p.add_argument("model", type=nonempty, help="model folder or Hub id (safetensors)")
     p.add_argument("--port", type=port, required=True, help="port to listen on, 0..65535 (0: a free one, printed "
                    "at start)")
@@ -55,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-tokens", type=count,
                    help="largest request in padded positions (prompts x longest prompt; 400 above it); default: "
                    "the larger of 2**21 and 8 full-length sequences")
+    p.add_argument("--api", choices=("vllm", "sglang"), default="vllm",
+                   help="whose shapes to answer in: vllm (POST /v1/completions with prompt_logprobs) | sglang "
+                   "(POST /generate with logprob_start_len; /v1/completions then ignores prompt_logprobs, as "
+                   "SGLang's does)")
+    p.add_argument("--max-model-len", type=count,
+                   help="longest sequence accepted, listed in GET /v1/models (vLLM's --max-model-len, SGLang's "
+                   "--context-length; default: the model config's max_position_embeddings)")
     p.add_argument("--no-entropy", action="store_true",
                    help="do not send prompt_entropies (answer like vLLM: the client uses the top-k gate)")
     p.add_argument("--num-threads", type=count, help="torch CPU threads, >= 1 (default: torch's)")
@@ -130,11 +139,12 @@ def main(argv: list[str]) -> int:
         name = args.served_model_name or args.model
         service = TeacherService(model, tokenizer, name=name, top_k_max=args.top_k_max,
                                  send_entropy=not args.no_entropy, micro_batch_size=args.micro_batch_size,
-                                 max_batch_tokens=args.max_batch_tokens)
+                                 max_batch_tokens=args.max_batch_tokens, max_model_len=args.max_model_len,
+                                 api=args.api)
         with TeacherHTTPServer((args.host, args.port), service, verbose=args.verbose, api_key=key,
                                max_body_bytes=args.max_request_mb << 20) as server:
             host, bound = server.server_address[:2]
-            print(f"eopd serve-teacher: serving {name} on http://{host}:{bound}/v1 (prompt_logprobs <= "
+            print(f"eopd serve-teacher: serving {name} on http://{host}:{bound}/v1 ({args.api} API, top-k <= "
                   f"{args.top_k_max}, exact entropies: {'no' if args.no_entropy else 'yes'}, API key: "
                   f"{'required' if key else 'none'})", flush=True)
             server.serve_forever()

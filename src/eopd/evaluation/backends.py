@@ -25,7 +25,7 @@ import torch
 
 from eopd.errors import UserError
 from eopd.prompting import encode_prompts, eos_token_ids
-from eopd.sampling import completion_entropy_BT, decode_completions, sample
+from eopd.sampling import Rollout, completion_entropy_BT, decode_completions, sample
 
 logger = logging.getLogger(__name__)
 
@@ -99,20 +99,38 @@ class GenerationBackend(Protocol):
 
 
 def sampling_block(batch_size: int, n: int) -> int:
-    """Prompts per sampling call of ``HFBackend`` (``batch_size`` sequences, ``n`` per prompt): the calls
-    cover fixed blocks of this many consecutive prompt indices."""
+    """Prompts per block of ``HFBackend`` (``batch_size`` sequences, ``n`` per prompt): fixed blocks of this many
+    consecutive prompt indices, the unit of the entropy forwards and of the work split over processes."""
     return max(1, batch_size // n)
 
 
-class HFBackend:
-    """Sampling with ``eopd.sampling.rollout.sample`` (batched, KV cache, explicit generator) on CPU or GPU.
+#: Blocks sampled per ``sample`` call of ``HFBackend`` (continuous batching refills slots across their rows;
+#: one progress line per call).
+BLOCKS_PER_CALL = 8
 
-    Why blocks: a prompt's samples must not depend on which other prompts a process evaluates (the trainer
-    spreads its evaluation over processes). So each call samples one fixed block of ``sampling_block``
-    consecutive prompt indices, from a generator of its own seeded by (a seed drawn from ``generator``, the
-    block's number): a prompt's samples are a function of the seed and its index (and the block size), and
-    a process that samples whole blocks (``evaluation.evaluate_across_processes``) draws exactly what one
-    process sampling every block draws, in the very same padded batches.
+
+def problem_uniforms(
+    root: int, indices: Sequence[int], n: int, max_new_tokens: int, device: torch.device
+) -> torch.Tensor:
+    """Each problem's sampling uniforms, ``[len(indices) * n, max_new_tokens]``: problem ``i``'s ``n`` rows come
+    from a generator of its own seeded ``root + i``, so its samples are a function of (seed, index) alone."""
+    rows = [torch.rand((n, max_new_tokens), generator=torch.Generator(device=device).manual_seed(root + i),
+                       device=device) for i in indices]
+    return torch.cat(rows)
+
+
+class HFBackend:
+    """Sampling with ``eopd.sampling.sample`` (the training sampler's engine) on CPU or GPU.
+
+    A prompt's samples must not depend on which other prompts a process evaluates (the trainer spreads its
+    evaluation over processes), nor on the batch size. So problem ``i`` draws its uniforms from a generator of
+    its own seeded by (a seed drawn from ``generator``, ``i``) (``problem_uniforms``), and the engine's draw is
+    a function of a row's uniforms and its own logits: a problem's samples are a function of the seed and its
+    index alone (up to the last bits of float arithmetic, which move a token only when a uniform falls within
+    ~1e-7 of a cumulative-probability boundary). Rows are sampled ``BLOCKS_PER_CALL`` blocks of
+    ``sampling_block`` prompts per call, ``batch_size`` rows at once with finished rows refilled; each block's
+    entropy forward runs over that block's rows alone (trimmed to their width), so a process that evaluates
+    whole blocks (``evaluation.evaluate_across_processes``) computes exactly what one process computes.
 
     Args:
         model: A causal LM (put in eval mode while generating, its mode restored afterwards).
@@ -120,11 +138,13 @@ class HFBackend:
         temperature: Sampling temperature.
         top_p: Nucleus mass.
         max_new_tokens: Completion budget.
-        batch_size: Sequences per sampling call (prompts per call = ``sampling_block(batch_size, n)``).
+        batch_size: Sequences decoded at once (the engine's ``max_batch_size``; prompts per block =
+            ``sampling_block(batch_size, n)``).
         generator: Randomness, on the model's device: each ``generate`` draws one seed from it, the root of
-            its blocks' generators.
+            its problems' generators.
         use_chat_template: Whether prompts go through the tokenizer's chat template.
         chat_template_kwargs: Extra arguments of the chat template (``{"enable_thinking": False}``).
+        compile: Decode with the compiled step (``eopd.sampling.compiled``).
     """
 
     name = "hf"
@@ -142,9 +162,11 @@ class HFBackend:
         generator: torch.Generator,
         use_chat_template: bool,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.compile = compile
         self.temperature = temperature
         self.top_p = top_p
         self.max_new_tokens = max_new_tokens
@@ -154,22 +176,35 @@ class HFBackend:
         self.chat_template_kwargs = chat_template_kwargs
         self.eos_ids = eos_token_ids(tokenizer, model)
 
-    def _generate_chunk(
-        self, ids: list[list[int]], n: int, token_roles: TokenRoles | None, generator: torch.Generator
+    def _sample_blocks(
+        self, ids: list[list[int]], uniform_BT: torch.Tensor, n: int, blocks: list[list[int]],
+        token_roles: TokenRoles | None,
     ) -> list[list[Generation]]:
-        """Sample ``n`` completions for each of a few prompts with ``generator`` and measure them."""
+        """Sample ``n`` completions for each prompt of some blocks (lists of positions in ``ids``) in one call
+        and measure them block by block; one list of ``n`` per prompt, in the order of the blocks."""
         rollout = sample(
             self.model,
-            ids,
+            [ids[i] for block in blocks for i in block],
             n=n,
             max_new_tokens=self.max_new_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             eos_token_ids=self.eos_ids,
             pad_token_id=self.tokenizer.pad_token_id,
-            generator=generator,
             vocab_size=len(self.tokenizer),
+            max_batch_size=self.batch_size,
+            compile=self.compile,
+            uniform_BT=uniform_BT,
         )
+        out, first = [], 0
+        for block in blocks:
+            rows = slice(first * n, (first + len(block)) * n)
+            out += self._measure(rollout.select(rows).trimmed(), n, token_roles)
+            first += len(block)
+        return out
+
+    def _measure(self, rollout: Rollout, n: int, token_roles: TokenRoles | None) -> list[list[Generation]]:
+        """One block's rollout as ``Generation`` records (text, length, EOS, entropy), ``n`` per prompt."""
         texts = decode_completions(self.tokenizer, rollout)
         entropy_BT = completion_entropy_BT(
             self.model, rollout, temperature=self.temperature, vocab_size=len(self.tokenizer)
@@ -187,20 +222,20 @@ class HFBackend:
             Generation(text=t, num_tokens=n_tok, finished=bool(f), mean_entropy=float(h), role_entropy=r)
             for t, n_tok, f, h, r in zip(texts, lengths, finished_B, mean_entropy_B, roles_B, strict=True)
         ]
-        return [gens[i * n : (i + 1) * n] for i in range(len(ids))]
+        return [gens[i * n : (i + 1) * n] for i in range(len(texts) // n)]
 
     def generate(
         self, prompts: Sequence[str], n: int, token_roles: TokenRoles | None = None,
         indices: Sequence[int] | None = None,
     ) -> list[list[Generation]]:
-        """``n`` completions per prompt, sampled block by block (see the class docstring).
+        """``n`` completions per prompt, each prompt's from its own seeded stream (see the class docstring).
 
         Args:
             prompts: Prompt texts.
             n: Completions per prompt.
             token_roles: A completion's ids -> a role per id (entropy per role), or None.
-            indices: Each prompt's index in the whole evaluation (default: its position here); a block is
-                sampled as one call, its prompts in index order.
+            indices: Each prompt's index in the whole evaluation (default: its position here): the seed of
+                its stream and its block.
         """
         ids = encode_prompts(self.tokenizer, prompts, chat_template=self.use_chat_template,
                              template_kwargs=self.chat_template_kwargs)
@@ -212,18 +247,20 @@ class HFBackend:
         blocks: dict[int, list[int]] = {}  # block number -> positions of its prompts, in index order
         for pos in sorted(range(len(ids)), key=indices.__getitem__):
             blocks.setdefault(indices[pos] // block, []).append(pos)
+        ordered = [chunk for _, chunk in sorted(blocks.items())]
         device = self.generator.device
         root = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=device))
         out: list[list[Generation]] = [[] for _ in ids]
         was_training = self.model.training
         self.model.eval()
         try:
-            for done, (number, chunk) in enumerate(sorted(blocks.items()), start=1):
-                generator = torch.Generator(device=device).manual_seed(root + number)
-                gens_of_chunk = self._generate_chunk([ids[i] for i in chunk], n, token_roles, generator)
-                for i, gens in zip(chunk, gens_of_chunk, strict=True):
+            for first in range(0, len(ordered), BLOCKS_PER_CALL):
+                call = ordered[first : first + BLOCKS_PER_CALL]
+                positions = [i for chunk in call for i in chunk]
+                uniform_BT = problem_uniforms(root, [indices[i] for i in positions], n, self.max_new_tokens, device)
+                for i, gens in zip(positions, self._sample_blocks(ids, uniform_BT, n, call, token_roles), strict=True):
                     out[i] = gens
-                logger.info("generated %d/%d blocks of prompts", done, len(blocks))
+                logger.info("generated %d/%d blocks of prompts", first + len(call), len(ordered))
         finally:
             self.model.train(was_training)
         return out
@@ -347,9 +384,10 @@ def make_backend(
     seed: int,
     use_chat_template: bool,
     chat_template_kwargs: Mapping[str, Any] | None = None,
+    compile: bool = False,
 ) -> GenerationBackend:
-    """Build the ``"hf"`` backend (a loaded model; generator default: seeded on the model's device) or the
-    ``"vllm"`` one (a checkpoint path or Hub id)."""
+    """Build the ``"hf"`` backend (a loaded model; generator default: seeded on the model's device; ``compile``:
+    its compiled decode step) or the ``"vllm"`` one (a checkpoint path or Hub id)."""
     if kind == "hf":
         if not isinstance(model, torch.nn.Module):
             raise TypeError("the hf backend needs a loaded model (eopd.models.loading.load_causal_lm), not a path")
@@ -365,6 +403,7 @@ def make_backend(
             generator=generator,
             use_chat_template=use_chat_template,
             chat_template_kwargs=chat_template_kwargs,
+            compile=compile,
         )
     if kind == "vllm":
         if not isinstance(model, (str, PathLike)):

@@ -3,9 +3,11 @@
 ``divergences`` (token-level divergences on full logits), ``sampled`` (estimators on sampled tokens),
 ``weights`` (entropy weighting, adaptive tau), ``objectives`` (the composed objective and its presets),
 ``fused`` (the chunked lm_head + loss path that never materialises ``[N, V]``), ``topk_entropy`` (the
-entropy gate from a teacher that serves only top-k log-probs).
+entropy gate from a teacher that serves only top-k log-probs), ``alignment`` (the public code's one-position
+offset of the forward-KL term, ``official_alignment``).
 """
 
+from eopd.losses.alignment import fkl_mask_of, loss_positions, shift_gate, shift_right
 from eopd.losses.divergences import (
     adaptive_kl,
     entropy,
@@ -53,6 +55,7 @@ __all__ = [
     "entropy",
     "entropy_quantile",
     "entropy_weight",
+    "fkl_mask_of",
     "forward_kl",
     "fused_objective",
     "gate_undecided",
@@ -61,6 +64,7 @@ __all__ = [
     "importance_weighted_fkl",
     "kl_from_log_probs",
     "log_probs",
+    "loss_positions",
     "objective",
     "ppo_clipped_surrogate",
     "prepare_weights",
@@ -69,6 +73,8 @@ __all__ = [
     "sampled_rkl_advantage",
     "score_chunked",
     "score_from_logits",
+    "shift_gate",
+    "shift_right",
     "skew_forward_kl",
     "skew_reverse_kl",
     "sparse_token_losses",

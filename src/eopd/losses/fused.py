@@ -39,7 +39,8 @@ logits are ``scoring.head_transform_`` of the lm_head output, the loss and ``G``
 (so the diagnostics too, as on the plain path), and ``G`` is multiplied by the cap's slope ``1 - tanh^2`` before
 matmuls 2 and 3 (sparse: inside the same pass that writes ``G``; generic: after the chunk's autograd).
 
-Positions with ``mask == 0`` are dropped before any matmul (their loss and gradient are exactly 0).
+Positions with ``mask == 0`` are dropped before any matmul (their loss and gradient are exactly 0); with
+``official_alignment`` the positions of ``fkl_mask`` are kept too (each row's position after its last token).
 The plain path (``reference_objective``) stays for reference and tests.
 """
 
@@ -67,6 +68,7 @@ from eopd.losses.objectives import (
     require_field,
     sparse_token_losses,
     summarize,
+    term_masks,
     token_losses,
 )
 from eopd.losses.scoring import (
@@ -117,9 +119,10 @@ class FusedOutput(ObjectiveOutput):
 class _Plan:
     """Non-differentiable inputs of one fused call.
 
-    ``batch``, ``weights`` and ``teacher_hidden`` hold the valid rows only; precomputed ``[N, V]``
-    ``teacher_logits`` stay whole and are gathered per chunk through ``row_index`` (valid row -> position;
-    ``None`` when every position is valid). ``parts`` and ``teacher_entropy`` are filled by the forward.
+    ``batch``, ``weights`` and ``teacher_hidden`` hold the rows that carry a term only (the valid ones, and with
+    ``official_alignment`` each row's position after its last token); precomputed ``[N, V]`` ``teacher_logits``
+    stay whole and are gathered per chunk through ``row_index`` (kept row -> position; ``None`` when every
+    position is kept). ``parts`` and ``teacher_entropy`` are filled by the forward.
     ``softcap`` / ``teacher_softcap``: the models' final-logit soft-caps (``scoring.head_transform_``) or ``None``.
     """
 
@@ -720,11 +723,13 @@ def fused_objective(
     if cfg.needs_teacher_logits and batch_N.teacher_logits is None and teacher_NH is None:
         raise ValueError(f"objective {cfg.name!r} needs teacher_logits or teacher_hidden + teacher_weight")
 
-    mask_N = batch_N.mask.bool()
+    mask_N, fkl_N = term_masks(cfg, batch_N)
+    live_N = mask_N | fkl_N  # the positions that carry a term (mask_N but with official_alignment)
     num_valid = int(mask_N.sum())
     denom = max(float(normalizer if normalizer is not None else num_valid), 1.0)
-    idx = mask_N.nonzero().squeeze(1)
-    all_valid = num_valid == mask_N.numel()
+    idx = live_N.nonzero().squeeze(1)
+    num_rows = idx.numel()
+    all_valid = num_rows == live_N.numel()
 
     def rows(x: Tensor) -> Tensor:
         return x if all_valid else x.index_select(0, idx)
@@ -732,14 +737,14 @@ def fused_objective(
     teacher_logits = batch_N.teacher_logits
     plan = _Plan(
         cfg, dataclasses.replace(batch_N, teacher_logits=None).map(rows), weights_N.map(rows), vocab_size,
-        balanced_chunk(num_valid, chunk),
+        balanced_chunk(num_rows, chunk),
         denom, teacher_hidden=None if teacher_NH is None or teacher_logits is not None else rows(teacher_NH),
         teacher_weight=t_weight, teacher_bias=t_bias, teacher_logits=teacher_logits,
         row_index=None if all_valid else idx, diagnostics=diagnostics and has_term_split(cfg),
         softcap=softcap, teacher_softcap=teacher_softcap,
     )
     if batch_N.teacher_entropy is None and (teacher_logits is not None or plan.teacher_hidden is not None):
-        plan.teacher_entropy = torch.zeros(num_valid, dtype=torch.float32, device=hidden.device)
+        plan.teacher_entropy = torch.zeros(num_rows, dtype=torch.float32, device=hidden.device)
     loss, loss_sum = _FusedLinearObjective.apply(rows(hidden_NH), lm_head_weight, lm_head_bias, plan)
 
     parts_N = {k: torch.zeros(mask_N.shape, dtype=p.dtype, device=p.device).index_copy_(0, idx, p)

@@ -18,6 +18,9 @@ single other divergence (GKD's JSD, DistiLLM's skew KLs, AKL, ToDi, TVD) set ``d
 The pieces are split so the fused chunked path can reuse them: ``prepare_weights`` (teacher-only, whole
 batch: thresholds, random placement), ``token_losses`` (per token, any chunk of positions) and
 ``summarize`` (metrics). ``objective`` chains the three on full logits.
+
+``official_alignment`` (``alignment``: the public code's pipeline, not the paper's equation) moves the forward-KL
+term one position later; the batch then carries ``fkl_mask`` beside ``mask`` and every helper here reads both.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from eopd.losses import divergences as D
+from eopd.losses.alignment import shift_gate
 from eopd.losses.sampled import importance_weighted_fkl, ppo_clipped_surrogate, sampled_rkl_advantage
 from eopd.losses.weights import SCHEDULES, entropy_quantile, entropy_weight
 
@@ -77,6 +81,10 @@ class ObjectiveConfig:
     todi_beta: float = field(default=1.0, metadata={"help": "ToDi sigmoid scale"})
     is_max_weight: float | None = field(default=None, metadata={"help": "truncate importance weights (biased)"})
     temperature: float = field(default=1.0, metadata={"help": "divides both models' logits; = sampling temperature"})
+    official_alignment: bool = field(default=False, metadata={"help": (
+        "reproduce the public code's pipeline, not the paper's equation: token t, gated on H_t, takes the top-k "
+        "forward KL of the distribution predicting token t+1 (the last token: the one after the response); "
+        "needs fkl=topk, additive weighting and an in-process teacher (docs/objectives.md)")})
 
     def __post_init__(self) -> None:
         checks = [
@@ -104,6 +112,10 @@ class ObjectiveConfig:
             (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
             (self.divergence is not None or self.rkl != "none" or self.fkl != "none",
              "objective has no term: set rkl, fkl or divergence"),
+            (not self.official_alignment or (self.divergence is None and self.fkl == "topk"
+                                             and self.weighting == "additive"),
+             "official_alignment reproduces the public code's top-k forward KL: it needs fkl='topk', additive "
+             "weighting and no single divergence"),
         ]
         for ok, message in checks:
             if not ok:
@@ -178,6 +190,9 @@ class TokenBatch:
         teacher_topk_ids: ``[..., K]`` teacher's top-k ids.
         teacher_topk_logprobs: ``[..., K]`` teacher log-probs of those ids.
         teacher_logits: ``[..., V]`` full teacher logits (exact terms only).
+        fkl_mask: With ``official_alignment`` only: 1 on the positions that take the forward-KL term, ``mask``
+            shifted right by one (``alignment.fkl_mask_of`` on a layout with one more position per row); the
+            positions of ``mask`` keep the reverse KL and the normaliser's count.
     """
 
     tokens: Tensor
@@ -188,6 +203,7 @@ class TokenBatch:
     teacher_topk_ids: Tensor | None = None
     teacher_topk_logprobs: Tensor | None = None
     teacher_logits: Tensor | None = None
+    fkl_mask: Tensor | None = None
 
     def map(self, fn) -> TokenBatch:
         """Apply ``fn`` to every tensor field (e.g. slicing a chunk of positions)."""
@@ -237,6 +253,17 @@ class ObjectiveOutput:
     token_parts: dict[str, Tensor] = field(default_factory=dict)
 
 
+def term_masks(cfg: ObjectiveConfig, batch: TokenBatch) -> tuple[Tensor, Tensor]:
+    """``(rkl_positions, fkl_positions)``, bool ``[...]``: both ``batch.mask`` unless ``cfg.official_alignment``,
+    where the forward-KL term sits on ``batch.fkl_mask`` (required then)."""
+    mask = batch.mask.bool()
+    if not cfg.official_alignment:
+        return mask, mask
+    fkl_mask = require_field(batch.fkl_mask, "fkl_mask (official_alignment: the batch laid out with one more "
+                             "position per row, fkl_mask = alignment.fkl_mask_of(mask))", cfg)
+    return mask, fkl_mask.bool()
+
+
 def teacher_entropy_of(cfg: ObjectiveConfig, batch: TokenBatch) -> Tensor:
     """The teacher entropy ``H_t``: given, or computed from full teacher logits."""
     if batch.teacher_entropy is not None:
@@ -262,7 +289,8 @@ def prepare_weights(
         generator: Randomness for ``placement="random"`` (required then).
 
     Returns:
-        ``TokenWeights`` shaped like ``batch.mask``.
+        ``TokenWeights`` shaped like ``batch.mask``. With ``official_alignment`` the gate of each token is moved
+        to the position after it (``alignment.shift_gate``), so ``w_fkl`` lives on ``batch.fkl_mask``.
     """
     mask = batch.mask.bool()
     tau = cfg.tau if tau is None else tau
@@ -278,6 +306,8 @@ def prepare_weights(
     elif cfg.placement == "random":
         gate = _random_gate_like(gate, mask, generator)
     gate = torch.where(mask, gate, torch.zeros_like(gate))
+    if cfg.official_alignment:
+        gate = shift_gate(gate, term_masks(cfg, batch)[1])
     if cfg.weighting == "additive":
         w_fkl = cfg.alpha * gate
         w_rkl = torch.ones_like(gate)
@@ -347,7 +377,8 @@ def token_losses(
         ``"loss_fkl"``: ``[...]`` the weighted terms ``w_R RKL`` and ``w_F FKL`` with their gradient (their sum
         is ``"loss"``; read by ``logit_grad_parts``).
     """
-    mask = batch.mask.bool()
+    mask, fkl_positions = term_masks(cfg, batch)
+    live = mask | fkl_positions
     t = cfg.temperature
     logq = D.log_probs(student_logits, t)
     zeros = torch.zeros(mask.shape, dtype=logq.dtype, device=logq.device)
@@ -360,7 +391,7 @@ def token_losses(
     batch = dataclasses.replace(
         batch,
         **{
-            name: torch.where(mask.view(mask.shape + (1,) * (value.dim() - mask.dim())), value, 0.0)
+            name: torch.where(live.view(live.shape + (1,) * (value.dim() - live.dim())), value, 0.0)
             for name in ("logp_old", "teacher_logp", "teacher_topk_logprobs", "teacher_logits")
             if (value := getattr(batch, name)) is not None
         },
@@ -483,18 +514,19 @@ def _assemble(
     cfg: ObjectiveConfig, rkl: Tensor, fkl: Tensor, logq_topk: Tensor | None, batch: TokenBatch,
     weights: TokenWeights,
 ) -> dict[str, Tensor]:
-    """``w_R * RKL + w_F * FKL`` masked, plus the detached terms (the diagnostic top-k FKL when ``fkl="none"``)."""
-    mask = batch.mask.bool()
+    """``w_R * RKL + w_F * FKL``, each on its positions (``term_masks``), plus the detached terms (the diagnostic
+    top-k FKL when ``fkl="none"``)."""
+    mask, fkl_positions = term_masks(cfg, batch)
     zeros = torch.zeros_like(rkl)
-    loss = torch.where(mask, weights.w_rkl * rkl + weights.w_fkl * fkl, zeros)
     # the two weighted terms on their own, with gradient: what the per-term gradient diagnostics differentiate
     loss_rkl = torch.where(mask, weights.w_rkl * rkl, zeros)
-    loss_fkl = torch.where(mask, weights.w_fkl * fkl, zeros)
+    loss_fkl = torch.where(fkl_positions, weights.w_fkl * fkl, zeros)
+    loss = loss_rkl + loss_fkl
     if cfg.fkl == "none" and logq_topk is not None and batch.teacher_topk_logprobs is not None:
         with torch.no_grad():  # diagnostic only: the top-k forward KL an objective without FKL leaves behind
             fkl = D.topk_kl_from_student_logprobs(logq_topk, batch.teacher_topk_logprobs)
-    return {"loss": loss, "rkl": torch.where(mask, rkl.detach(), zeros), "fkl": torch.where(mask, fkl.detach(), zeros),
-            "loss_rkl": loss_rkl, "loss_fkl": loss_fkl}
+    return {"loss": loss, "rkl": torch.where(mask, rkl.detach(), zeros),
+            "fkl": torch.where(fkl_positions, fkl.detach(), zeros), "loss_rkl": loss_rkl, "loss_fkl": loss_fkl}
 
 
 def summarize(
@@ -508,23 +540,25 @@ def summarize(
     ``fkl_high_entropy`` (the FKL term averaged over gated tokens: its denominator is not the valid tokens, so
     it also comes as its two sums ``raw/fkl_high_entropy/sum`` and ``/gated``, from which a step made of
     several calls and processes finishes it: ``eopd.training.step_metrics``) and, for objectives that read
-    ``logp_old``, the PPO ratio statistics of ``ratio_metrics``.
+    ``logp_old``, the PPO ratio statistics of ``ratio_metrics``. With ``official_alignment`` the forward-KL
+    keys (``loss_fkl``, ``fkl``, ``gated_share``, ``fkl_high_entropy``) sum over ``fkl_mask``, the positions the
+    term is evaluated at, still per real token.
     """
     with torch.no_grad():
-        mask = batch.mask.bool()
+        mask, fkl_positions = term_masks(cfg, batch)
         n = int(mask.sum())
         denom = max(n, 1)
 
-        def mean(x: Tensor) -> float:
-            return float(torch.where(mask, D.upcast(x), 0.0).sum() / denom)
+        def mean(x: Tensor, where: Tensor = mask) -> float:
+            return float(torch.where(where, D.upcast(x), 0.0).sum() / denom)
 
         out = {
             "loss": float(parts["loss"].detach().sum() / denom),
             "loss_rkl": mean(weights.w_rkl * parts["rkl"]),
-            "loss_fkl": mean(weights.w_fkl * parts["fkl"]),
+            "loss_fkl": mean(weights.w_fkl * parts["fkl"], fkl_positions),
             "rkl": mean(parts["rkl"]),
-            "fkl": mean(parts["fkl"]),
-            "gated_share": mean(weights.gate),
+            "fkl": mean(parts["fkl"], fkl_positions),
+            "gated_share": mean(weights.gate, fkl_positions),
             "tau": weights.tau,
             "student_entropy": mean(parts["student_entropy"]),
             "num_valid": float(n),
@@ -535,8 +569,8 @@ def summarize(
             out["rkl_estimate"] = mean(batch.logp_old - batch.teacher_logp)
         if "logq" in parts and batch.logp_old is not None and cfg.needs_logp_old:
             out.update(ratio_metrics(parts["logq"], batch.logp_old, mask, cfg.clip_eps))
-        gated_sum = float(torch.where(mask, D.upcast(parts["fkl"] * weights.gate), 0.0).sum())
-        gated = float(torch.where(mask, D.upcast(weights.gate), 0.0).sum())
+        gated_sum = float(torch.where(fkl_positions, D.upcast(parts["fkl"] * weights.gate), 0.0).sum())
+        gated = float(torch.where(fkl_positions, D.upcast(weights.gate), 0.0).sum())
         out["fkl_high_entropy"] = gated_sum / gated if gated > 0 else 0.0
         out.update({f"{RAW}fkl_high_entropy/sum": gated_sum, f"{RAW}fkl_high_entropy/gated": gated})
     return out

@@ -274,6 +274,7 @@ def build_tiny_checkpoint(
     initializer_range: float = 0.02,
     max_position_embeddings: int = 256,
     seed: int = 0,
+    tie_word_embeddings: bool = True,
 ) -> Path:
     """Build a tiny random Qwen3 model and save it with its tokenizer at ``path`` (atomically).
 
@@ -297,7 +298,7 @@ def build_tiny_checkpoint(
     model = build_tiny_qwen3(
         vocab_size=len(tok) + vocab_padding, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
         num_kv_heads=num_kv_heads, seed=seed, initializer_range=initializer_range,
-        max_position_embeddings=max_position_embeddings,
+        max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
     )
     eos = generation_eos_ids(tok)

@@ -15,6 +15,8 @@ from eopd.tasks.sources import HUB_PREFIX, json_type_name, parse_hub_source, rea
 from eopd.tasks.splits import hold_out
 
 NO_EVAL = "none (set data.eval_path or data.eval_fraction)"
+#: The longest text field a row keeps beside its prompt and answer (``PromptFileTask._meta``).
+META_TEXT_MAX = 64
 
 
 class PromptFileTask:
@@ -103,7 +105,15 @@ class PromptFileTask:
                 raise DataError(f"{where}: field {self.answer_field!r} is a JSON {json_type_name(value)}, not a "
                                 "text or number answer")
             answer = str(value)
-        return Problem(id=str(row.get("id", index)), prompt=prompt, answer=answer)
+        return Problem(id=str(row.get("id", index)), prompt=prompt, answer=answer, meta=self._meta(row))
+
+    def _meta(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The row's other short scalar fields (text up to ``META_TEXT_MAX`` characters, numbers, booleans): labels
+        such as a domain, a source or a task name, which ``routing.field`` reads to pick a row's teacher. Long
+        text (a worked solution) is not kept: every row stays in memory for the whole run."""
+        skip = (self.prompt_field, self.answer_field)
+        return {k: v for k, v in row.items() if k not in skip and (
+            isinstance(v, bool | int | float) or (isinstance(v, str) and len(v) <= META_TEXT_MAX))}
 
     def problems(self, split: str) -> list[Problem]:
         """The training prompts (``"train"``) or the held-out / second-source eval prompts (``"test"``).

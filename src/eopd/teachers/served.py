@@ -1,245 +1,71 @@
-"""A teacher behind one or more OpenAI-compatible servers (vLLM, or ``eopd serve-teacher``) as a ``Teacher``.
+"""A teacher behind one or more servers (vLLM, SGLang, or ``eopd serve-teacher``) as a ``Teacher``.
 
 Why this file exists: a large teacher belongs on other GPUs than the student's, served by an inference engine.
-``ServedTeacher.score`` sends each micro-batch of completions (prompt + completion ids) as one completions
-request with ``prompt_logprobs=k``, keeps ``max_in_flight`` requests in flight spread over the servers, and
-turns the answers into ``TeacherScores``: the sampled token's log-prob and the top-k at every completion
-position, plus the exact entropy when the server sends our extension (``prompt_entropies``), otherwise the
-documented top-k estimate (``teacher.topk_only_scores``). The JSON itself lives in ``teacher_protocol``.
+``ServedTeacher.score`` sends each micro-batch of completions (prompt + completion ids) as one scoring request in
+the server's wire format (``wire.vllm``: completions with ``prompt_logprobs``; ``wire.sglang``: ``/generate``
+with ``logprob_start_len``), keeps ``max_in_flight`` requests in flight spread over the servers, and turns the
+answers into ``TeacherScores``: the sampled token's log-prob and the top-k at every completion position, plus the
+exact entropy when the server sends our extension, otherwise the documented top-k estimate
+(``scores.topk_only_scores``).
 
-Faults: each request has a deadline over the whole exchange (connect, send, headers, body) and is retried
-with exponential backoff on another server; a response that does not match its request is rejected and
-retried like a failure; a 401 (a missing or wrong ``EOPD_TEACHER_API_KEY``) is not retried. Scores are
-returned only when every request of the call succeeded (nothing is ever trained on partial scores); otherwise
-``TeacherUnavailableError`` (one line), which the trainer turns into a checkpoint of the last complete step.
-At start, ``connect`` checks each server: its model, that it tokenizes a probe text exactly as the local
-tokenizer does, and one scoring request (which also tells whether it sends exact entropies).
+Faults: each request has a deadline over the whole exchange (``transport.request_json``) and is retried with
+exponential backoff on another server; a response that does not match its request is rejected and retried like a
+failure; a 401 (a missing or wrong ``EOPD_TEACHER_API_KEY``) is not retried. Scores are returned only when every
+request of the call succeeded (nothing is ever trained on partial scores); otherwise ``TeacherUnavailableError``
+(one line), which the trainer turns into a checkpoint of the last complete step. A rollout row longer than the
+server's context allows is refused before it is sent, with the cause and the config keys that bound it.
+
+At start, ``connect`` checks each server: its model and context length (``GET /v1/models``), its API (``auto``:
+SGLang by its ``owned_by``, or when the completions API answers without prompt log-probs), that it tokenizes a
+probe text exactly as the local tokenizer does, and one scoring request, which also tells whether it sends exact
+entropies, whether its log-probs are log-probs (a server started with ``--logprobs-mode raw_logits`` sends
+logits) and whether it answers prompt log-probs at all (SGLang's OpenAI endpoint ignores the field).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import http.client
-import io
-import json
 import math
-import os
-import socket
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import torch
 
-from eopd.errors import UserError
 from eopd.sampling import Rollout
-from eopd.teachers.protocol import (
-    ENTROPY_FIELD,
+from eopd.teachers.same_tokenizer import difference, local_ids, probe_text
+from eopd.teachers.scores import (
+    ENTROPY_MODES,
+    ROW_FIELDS,
+    TeacherMismatchError,
+    TeacherScores,
+    TeacherUnavailableError,
+    topk_only_scores,
+)
+from eopd.teachers.transport import API_KEY_ENV, AUTH_STATUS, HTTPStatusError, api_key, request_json, server_root
+from eopd.teachers.wire import (
+    APIS,
+    FORMATS,
+    ModelCard,
+    NoPromptLogprobsError,
+    NotLogprobsError,
     ResponseMismatchError,
     RowScores,
-    completion_request,
-    error_message,
-    model_ids,
-    parse_completion_response,
+    WireFormat,
+    model_cards,
     tokenize_ids,
     tokenize_request,
 )
-from eopd.teachers.teacher import ENTROPY_MODES, ROW_FIELDS, TeacherScores, TeacherUnavailableError, topk_only_scores
 
 Tensor = torch.Tensor
 T = TypeVar("T")
 
-#: Sent as ``Authorization: Bearer ...`` when set (``vllm serve --api-key``).
-API_KEY_ENV = "EOPD_TEACHER_API_KEY"
-#: HTTP statuses worth retrying (the server is busy or restarting); other 4xx are our request's fault.
-RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-#: Statuses that say the API key is missing or wrong (``vllm serve --api-key``, ``eopd serve-teacher --api-key``).
-AUTH_STATUS = frozenset({401, 403})
-#: The largest answer read (a guard against a server that sends without end): a 32k-token sequence with
-#: top-20 log-probs is ~50 MB of JSON, so a micro-batch of 8 is ~0.4 GB.
-MAX_RESPONSE_BYTES = 4 << 30
-#: The fixed part of the tokenizer probe (the rest is decoded from ids spread over the vocabulary).
-PROBE_PREFIX = "The teacher and the student share one tokenizer: 12+34=46; x_{n+1} = 2^n. "
-
-
-class TeacherMismatchError(UserError):
-    """The served teacher is not the one the run needs (another tokenizer, model or API); found at start."""
-
-
-class HTTPStatusError(Exception):
-    """A non-200 answer; ``retryable`` for statuses that say "try again"."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"HTTP {status}: {message}")
-        self.status = status
-        self.retryable = status in RETRYABLE_STATUS
-
-
-def request_json(url: str, payload: dict[str, Any] | None, timeout_s: float) -> Any:
-    """GET (``payload`` None) or POST JSON to ``url`` and decode the JSON answer, all within ``timeout_s``.
-
-    Plain ``http.client`` (no proxy from the environment: a teacher is on the cluster's own network). The
-    deadline covers the whole exchange: connecting, sending, the status line and headers and the body; every
-    read and write may only use the time left (``DeadlineSocket``), so a server that trickles its answer a
-    byte at a time fails at the deadline, not at the first read that waits longer than ``timeout_s``.
-
-    Raises:
-        OSError / http.client.HTTPException / TimeoutError: the server cannot be reached, hangs, or does not
-            finish its answer within ``timeout_s``.
-        HTTPStatusError: a non-200 status.
-        ResponseMismatchError: the body is not JSON, or larger than ``MAX_RESPONSE_BYTES``.
-    """
-    parts = urllib.parse.urlsplit(url)
-    deadline = time.monotonic() + timeout_s
-    conn_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    conn = conn_type(parts.hostname or "", parts.port, timeout=timeout_s)
-    headers = {"Content-Type": "application/json", "Accept": "application/json", **auth_header()}
-    try:
-        conn.connect()
-        conn.sock = DeadlineSocket(conn.sock, deadline, timeout_s)
-        body = None if payload is None else json.dumps(payload).encode()
-        path = parts.path + (f"?{parts.query}" if parts.query else "")
-        conn.request("GET" if payload is None else "POST", path, body=body, headers=headers)
-        response = conn.getresponse()
-        try:
-            raw = _read_body(response)
-        finally:
-            response.close()
-    finally:
-        conn.close()
-    if response.status != 200:
-        raise HTTPStatusError(response.status, error_message(raw))
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError) as err:  # RecursionError: nesting deeper than the parser's stack
-        raise ResponseMismatchError(f"the answer is not JSON ({type(err).__name__}: {str(err)[:100]})") from None
-
-
-def api_key() -> str | None:
-    """``EOPD_TEACHER_API_KEY`` without surrounding whitespace (a key read from a file keeps its newline), or None.
-
-    Raises:
-        TeacherMismatchError: the key holds a character an HTTP header cannot carry.
-    """
-    key = os.environ.get(API_KEY_ENV, "").strip()
-    if key and not (key.isascii() and key.isprintable()):
-        raise TeacherMismatchError(f"{API_KEY_ENV} holds a character an HTTP header cannot carry (a line break, a "
-                                   "control or non-ASCII character); set it to the key alone")
-    return key or None
-
-
-def auth_header() -> dict[str, str]:
-    """``{"Authorization": "Bearer KEY"}`` when ``EOPD_TEACHER_API_KEY`` is set (``vllm serve --api-key``)."""
-    key = api_key()
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
-class DeadlineSocket:
-    """A connected socket whose every send and receive may only use the time left before ``deadline``.
-
-    ``http.client`` reads the status line, the headers and the body through ``makefile("rb")`` and writes with
-    ``sendall``; both are bounded here, so no phase of the exchange can outlast the deadline (a plain socket
-    timeout bounds each read alone). Works for plain and TLS sockets alike (it wraps the connected socket).
-    Like ``socket.makefile``, a reader keeps the socket open until it is closed too: on ``Connection: close``
-    ``http.client`` closes the connection as soon as the headers are read and the response reads on.
-    """
-
-    def __init__(self, sock: socket.socket, deadline: float, timeout_s: float) -> None:
-        self.sock = sock
-        self.deadline = deadline
-        self.timeout_s = timeout_s
-        self.readers = 0
-        self.close_asked = False
-
-    def arm(self) -> None:
-        """Give the socket the time left, or fail now when none is left."""
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(self.expired())
-        self.sock.settimeout(left)
-
-    def expired(self) -> str:
-        return f"no complete answer within teacher.timeout_s ({self.timeout_s:g} s)"
-
-    def sendall(self, data: bytes) -> None:
-        """``socket.sendall`` (its timeout bounds the whole send) within the time left."""
-        self.arm()
-        try:
-            self.sock.sendall(data)
-        except TimeoutError:
-            raise TimeoutError(self.expired()) from None
-
-    def recv_into(self, buffer: Any) -> int:
-        """One read of at most ``len(buffer)`` bytes within the time left."""
-        self.arm()
-        try:
-            return self.sock.recv_into(buffer)
-        except TimeoutError:
-            raise TimeoutError(self.expired()) from None
-
-    def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
-        """What ``http.client.HTTPResponse`` reads: a buffered reader whose every raw read is bounded."""
-        self.readers += 1
-        return io.BufferedReader(_DeadlineReader(self))
-
-    def close(self) -> None:
-        """Close the socket once no reader is open (see the class docstring)."""
-        self.close_asked = True
-        if self.readers == 0:
-            self.sock.close()
-
-    def reader_closed(self) -> None:
-        self.readers -= 1
-        if self.close_asked and self.readers == 0:
-            self.sock.close()
-
-
-class _DeadlineReader(io.RawIOBase):
-    """The raw stream under ``DeadlineSocket.makefile``."""
-
-    def __init__(self, owner: DeadlineSocket) -> None:
-        super().__init__()
-        self.owner = owner
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        return self.owner.recv_into(buffer)
-
-    def close(self) -> None:
-        if not self.closed:
-            self.owner.reader_closed()
-        super().close()
-
-
-def _read_body(response: http.client.HTTPResponse) -> bytes:
-    """The whole body in pieces of at most 1 MiB (``read1``: never one allocation of a Content-Length the
-    server made up), refused past ``MAX_RESPONSE_BYTES``; the deadline is the socket's (``DeadlineSocket``)."""
-    chunks, size = [], 0
-    while chunk := response.read1(1 << 20):
-        size += len(chunk)
-        if size > MAX_RESPONSE_BYTES:
-            raise ResponseMismatchError(f"the answer is larger than {MAX_RESPONSE_BYTES >> 30} GiB")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def server_root(url: str) -> str:
-    """``http://h:p/v1`` -> ``http://h:p`` (vLLM serves ``/tokenize`` beside ``/v1``, not under it)."""
-    return url[: -len("/v1")] if url.endswith("/v1") else url
-
-
-def probe_text(tokenizer: Any, vocab_size: int, count: int = 64) -> str:
-    """A fixed text plus ``count`` non-special ids spread over the whole vocabulary, decoded: two tokenizers
-    that agree on it agree on ordinary text and on ids from every part of the vocabulary."""
-    special = set(getattr(tokenizer, "all_special_ids", []))
-    step = max(1, vocab_size // count)
-    ids = [i for i in range(0, vocab_size, step) if i not in special]
-    return PROBE_PREFIX + tokenizer.decode(ids, skip_special_tokens=True)
+#: Where the supported APIs are listed, for the errors that send the user there.
+SUPPORTED_APIS = ("vLLM's /v1/completions with prompt_logprobs (vllm serve, eopd serve-teacher) or SGLang's "
+                  "/generate (python -m sglang.launch_server; teacher.api=sglang); docs/served_teacher.md")
 
 
 def row_sequences(rollout: Rollout) -> tuple[list[list[int]], list[int]]:
@@ -254,12 +80,13 @@ def row_sequences(rollout: Rollout) -> tuple[list[list[int]], list[int]]:
 
 
 class ServedTeacher:
-    """A ``Teacher`` that scores rollouts on OpenAI-compatible servers (see the module docstring).
+    """A ``Teacher`` that scores rollouts on vLLM, SGLang or ``eopd serve-teacher`` servers (module docstring).
 
     Args:
         urls: Base URLs ending in ``/v1``; requests are spread over them round-robin, a retry goes to the next.
-        vocab_size: The tokenizer's vocabulary ``V`` (ids at or above it are rejected).
+        vocab_size: The tokenizer's vocabulary ``V`` (top-k ids at or above it are padded rows: tail mass).
         model: Model name sent in requests; None: the first one the first server lists.
+        api: ``auto`` (each server's, found at connect), ``vllm`` (completions) or ``sglang`` (``/generate``).
         entropy: ``auto`` (exact when every server sends it, else the top-k estimate), ``exact``, ``topk``.
         top_logprobs: Top-k asked for when the gate reads the top-k estimate (vLLM's default cap is 20).
         timeout_s: Deadline of one request (connect, send, answer).
@@ -267,16 +94,20 @@ class ServedTeacher:
         backoff_s: First wait between attempts.
         max_in_flight: Requests in flight at once.
         rows_per_request: Sequences per request (the trainer's micro-batch).
+        name: What errors call this teacher (``teachers.NAME`` with several teachers); None: ``teacher``.
     """
 
-    def __init__(self, urls: list[str], *, vocab_size: int, model: str | None = None, entropy: str = "auto",
-                 top_logprobs: int = 20, timeout_s: float = 120.0, retries: int = 3, backoff_s: float = 1.0,
-                 max_in_flight: int = 4, rows_per_request: int = 8) -> None:
-        if not urls or entropy not in ENTROPY_MODES:
-            raise ValueError(f"need at least one url and entropy in {ENTROPY_MODES}")
+    def __init__(self, urls: list[str], *, vocab_size: int, model: str | None = None, api: str = "auto",
+                 entropy: str = "auto", top_logprobs: int = 20, timeout_s: float = 120.0, retries: int = 3,
+                 backoff_s: float = 1.0, max_in_flight: int = 4, rows_per_request: int = 8,
+                 name: str | None = None) -> None:
+        if not urls or entropy not in ENTROPY_MODES or api not in APIS:
+            raise ValueError(f"need at least one url, entropy in {ENTROPY_MODES} and api in {APIS}")
         self.urls = [u.rstrip("/") for u in urls]
         self.vocab_size = vocab_size
         self.model = model
+        self.api = api
+        self.formats: dict[str, WireFormat] = {u: FORMATS["vllm" if api == "auto" else api] for u in self.urls}
         self.entropy = entropy
         self.exact = entropy != "topk"  # settled by connect()
         self.top_logprobs = top_logprobs
@@ -285,31 +116,40 @@ class ServedTeacher:
         self.backoff_s = backoff_s
         self.max_in_flight = max_in_flight
         self.rows_per_request = rows_per_request
+        self.name = name
+        self.max_model_len: int | None = None  # the smallest of the servers' (GET /v1/models), set by connect()
         self._next_url = 0
 
     # -- start-up checks ---------------------------------------------------------------------------------
     def connect(self, tokenizer: Any, *, top_k: int, check_tokenizer: bool = True) -> ServedTeacher:
-        """Check every server (model, tokenizer, one scoring request) and settle exact vs top-k entropy.
+        """Check every server (model, context length, API, tokenizer, one scoring request) and settle exact vs
+        top-k entropy.
 
         Raises:
             TeacherUnavailableError: a server cannot be reached (after retries).
-            TeacherMismatchError: another model or tokenizer, or ``entropy=exact`` from a server without it.
+            TeacherMismatchError: another model or tokenizer, a server that sends logits or no prompt log-probs,
+                or ``entropy=exact`` from a server without exact entropies.
         """
         text = probe_text(tokenizer, self.vocab_size)
-        probe = tokenizer(text, add_special_tokens=False)["input_ids"][:16]
+        probe = local_ids(tokenizer, text)[:16]
         if len(probe) < 2:
             raise TeacherMismatchError("the tokenizer probe encodes to fewer than 2 tokens; cannot test scoring")
         sends_entropy = []
         for url in self.urls:
-            self._check_model(url)
+            card = self._check_model(url)
+            if card.max_model_len is not None:
+                self.max_model_len = min(self.max_model_len or card.max_model_len, card.max_model_len)
+                probe = probe[: max(2, self.max_model_len - 1)]  # what the server can score
+            if self.api == "auto" and card.owned_by == "sglang":
+                self.formats[url] = FORMATS["sglang"]
             if check_tokenizer:
-                self._check_tokenizer(url, text, tokenizer(text, add_special_tokens=False)["input_ids"])
+                self._check_tokenizer(url, text, local_ids(tokenizer, text))
             sends_entropy.append(self._probe_scoring(url, probe, max(1, min(top_k, self.vocab_size))))
         if self.entropy == "exact" and not all(sends_entropy):
             url = self.urls[sends_entropy.index(False)]
             raise TeacherMismatchError(
-                f"teacher.entropy=exact but {url} does not send the exact entropy ({ENTROPY_FIELD}; vLLM returns "
-                "only its top-k): set teacher.entropy=auto for the top-k gate, or serve with eopd serve-teacher")
+                f"teacher.entropy=exact but {url} does not send the exact entropy (vLLM and SGLang return only "
+                "their top-k): set teacher.entropy=auto for the top-k gate, or serve with eopd serve-teacher")
         self.exact = self.entropy != "topk" and all(sends_entropy)
         if not self.exact:  # the estimate asks for more log-probs: make sure every server gives them
             for url in self.urls:
@@ -317,39 +157,58 @@ class ServedTeacher:
         return self
 
     def describe(self) -> str:
-        """One line for the log: where, which model, how the gate's entropy is obtained."""
+        """One line for the log: where, which model and API, how the gate's entropy is obtained."""
         gate = "exact entropy" if self.exact else f"top-{self.top_logprobs} entropy estimate"
-        return f"teacher: {self.model} on {', '.join(self.urls)} ({gate})"
+        apis = ", ".join(sorted({f.name for f in self.formats.values()}))
+        limit = f", max_model_len {self.max_model_len}" if self.max_model_len else ""
+        return f"{self.name or 'teacher'}: {self.model} on {', '.join(self.urls)} ({apis} API, {gate}{limit})"
 
-    def _check_model(self, url: str) -> None:
-        names = self._retrying(lambda u: model_ids(request_json(f"{u}/models", None, self.timeout_s)), [url],
+    def _check_model(self, url: str) -> ModelCard:
+        cards = self._retrying(lambda u: model_cards(request_json(f"{u}/models", None, self.timeout_s)), [url],
                                "listing models")
+        names = [card.id for card in cards]
         self.model = self.model or (names[0] if names else None)
         if self.model not in names:
             raise TeacherMismatchError(f"teacher server {url} serves {names}, not {self.model!r} (teacher.model)")
+        return cards[names.index(self.model)]
 
-    def _check_tokenizer(self, url: str, text: str, local_ids: list[int]) -> None:
+    def _check_tokenizer(self, url: str, text: str, ours: list[int]) -> None:
         what = "tokenizing a probe text (POST /tokenize; teacher.check_tokenizer=false skips this check)"
-        served_ids = self._retrying(lambda u: tokenize_ids(request_json(
+        theirs = self._retrying(lambda u: tokenize_ids(request_json(
             f"{server_root(u)}/tokenize", tokenize_request(self.model or "", text), self.timeout_s)), [url], what)
-        if served_ids != local_ids:
-            i = next((j for j, (a, b) in enumerate(zip(served_ids, local_ids, strict=False)) if a != b),
-                     min(len(served_ids), len(local_ids)))
-            at = lambda ids: ids[i] if i < len(ids) else "end"  # noqa: E731
+        if (where := difference(theirs, ours, "server")) is not None:
             raise TeacherMismatchError(
-                f"teacher server {url} tokenizes a probe text differently from the local tokenizer (token {i}: "
-                f"server {at(served_ids)}, local {at(local_ids)}; {len(served_ids)} vs {len(local_ids)} tokens): "
+                f"teacher server {url} tokenizes a probe text differently from the local tokenizer ({where}): "
                 "teacher and student must share one tokenizer (models.tokenizer / models.student)")
 
     def _probe_scoring(self, url: str, ids: list[int], k: int) -> bool:
-        """One scoring request on a short sequence asking for ``k`` log-probs; whether it sends exact entropies."""
-        rows = self._retrying(lambda u: self._post_scores(u, [ids], [len(ids) - 1], k, require_entropy=False),
-                              [url], "a probe scoring request")
+        """One scoring request on a short sequence asking for ``k`` log-probs; whether it sends exact entropies.
+
+        ``api=auto``: a completions answer without prompt log-probs is tried again as SGLang's ``/generate``.
+
+        Raises:
+            TeacherMismatchError: the server sends logits (``--logprobs-mode``), or no prompt log-probs.
+        """
+        try:
+            rows = self._retrying(lambda u: self._post_scores(u, [ids], [len(ids) - 1], k, require_entropy=False),
+                                  [url], "a probe scoring request", fatal=(NotLogprobsError, NoPromptLogprobsError))
+        except NotLogprobsError as err:
+            raise TeacherMismatchError(f"teacher server {url} ({self.formats[url].name} API): {err}") from None
+        except NoPromptLogprobsError as err:
+            if self.api == "auto" and self.formats[url].name == "vllm":
+                self.formats[url] = FORMATS["sglang"]
+                try:
+                    return self._probe_scoring(url, ids, k)
+                except (TeacherMismatchError, TeacherUnavailableError):
+                    self.formats[url] = FORMATS["vllm"]
+            raise TeacherMismatchError(
+                f"teacher server {url} answered 200 without prompt log-probs ({self.formats[url].name} API: {err}); "
+                f"a teacher must serve {SUPPORTED_APIS}") from None
         return rows[0].entropy_T is not None
 
     # -- scoring -------------------------------------------------------------------------------------------
     def request_k(self, top_k: int) -> int:
-        """``prompt_logprobs`` to ask for: the objective's top-k, or more when the gate reads the estimate."""
+        """Top-k to ask for: the objective's top-k, or more when the gate reads the estimate."""
         k = top_k if self.exact else max(top_k, self.top_logprobs)
         return max(1, min(k, self.vocab_size))
 
@@ -357,12 +216,14 @@ class ServedTeacher:
         """Scores of every completion position (masked positions get harmless values).
 
         Raises:
-            TeacherUnavailableError: a request failed for good, or full logits / hidden states were asked for.
+            TeacherUnavailableError: a request failed for good, a row is longer than the servers' context, or full
+                logits / hidden states were asked for.
         """
         if want_logits or want_hidden:
             raise TeacherUnavailableError("a served teacher returns top-k log-probs only; objectives that read the "
                                           "full teacher distribution need models.teacher in-process")
         seqs, lengths = row_sequences(rollout)
+        self._check_lengths(seqs, lengths)
         k = self.request_k(top_k)
         t0 = time.perf_counter()
         rows = self._score_all(seqs, lengths, k)
@@ -371,6 +232,23 @@ class ServedTeacher:
         scores = scores if rollout.completion_ids_BT.device.type == "cpu" else _to(scores, rollout)
         scores.tokens_per_s = sum(len(s) for s in seqs) / max(seconds, 1e-9)
         return scores
+
+    def _check_lengths(self, seqs: list[list[int]], lengths: list[int]) -> None:
+        """Refuse a row the servers cannot score: a server scores at most ``max_model_len - 1`` tokens, since it
+        also generates one (vLLM answers a sequence of exactly ``max_model_len`` with "max_tokens must be at least
+        1, got 0", SGLang with "Requested token count exceeds the model's maximum context length")."""
+        if self.max_model_len is None:
+            return
+        longest = max(range(len(seqs)), key=lambda i: len(seqs[i]), default=None)
+        if longest is None or len(seqs[longest]) < self.max_model_len:
+            return
+        n, c = len(seqs[longest]), lengths[longest]
+        raise TeacherUnavailableError(
+            f"{self.name or 'teacher'}: a rollout row of {n} tokens (prompt {n - c} + completion {c}) does not fit the "
+            f"teacher server's context: it scores at most max_model_len - 1 = {self.max_model_len - 1} tokens (one "
+            "is kept for the token it generates); bound prompt + completion with rollout.max_new_tokens and shorter "
+            "prompts (data.path, data.limit), or start the server with a longer context (vLLM --max-model-len, "
+            "SGLang --context-length)")
 
     def _score_all(self, seqs: list[list[int]], lengths: list[int], k: int) -> list[RowScores]:
         """All rows, ``rows_per_request`` per request, ``max_in_flight`` at once; all or nothing."""
@@ -396,19 +274,21 @@ class ServedTeacher:
 
     def _post_scores(self, url: str, seqs: list[list[int]], lengths: list[int], k: int, *,
                      require_entropy: bool) -> list[RowScores]:
-        body = request_json(f"{url}/completions", completion_request(self.model or "", seqs, k), self.timeout_s)
-        rows = parse_completion_response(body, seqs, lengths, k, self.vocab_size)
+        fmt = self.formats[url]
+        body = request_json(fmt.endpoint(url), fmt.request(self.model or "", seqs, lengths, k), self.timeout_s)
+        rows = fmt.parse(body, seqs, lengths, k, self.vocab_size)
         if require_entropy and any(r.entropy_T is None for r in rows):
-            raise ResponseMismatchError(f"no {ENTROPY_FIELD} in the answer, though the server sent them at start")
+            raise ResponseMismatchError(f"no {fmt.entropy_field} in the answer, though the server sent them at start")
         return rows
 
     def _retrying(self, call: Callable[[str], T], urls: list[str], what: str,
-                  cancel: threading.Event | None = None) -> T:
+                  cancel: threading.Event | None = None, fatal: tuple[type[Exception], ...] = ()) -> T:
         """``call(url)`` until it succeeds, ``1 + retries`` attempts over ``urls`` in turn, backoff between.
 
         Raises:
             TeacherUnavailableError: every attempt failed, the server refused the request itself (a 4xx
                 that retrying cannot fix), or another request of the same call already failed (``cancel``).
+            ``fatal``: at once, not retried (what a retry cannot change, e.g. a server that sends logits).
         """
         cancel = cancel or threading.Event()
         t0, last = time.monotonic(), ""
@@ -416,6 +296,8 @@ class ServedTeacher:
             url = urls[attempt % len(urls)]
             try:
                 return call(url)
+            except fatal:
+                raise
             except HTTPStatusError as err:
                 if err.status in AUTH_STATUS:
                     raise TeacherUnavailableError(f"teacher server {url} refused {what}: {err}; {_key_advice()}") \

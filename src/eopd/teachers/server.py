@@ -1,17 +1,22 @@
-"""Our teacher server: a Hugging Face causal LM behind the part of vLLM's OpenAI-compatible API a teacher needs.
+"""Our teacher server: a Hugging Face causal LM behind vLLM's completions API or SGLang's ``/generate``.
 
-Why this file exists: to serve a teacher from a machine (or GPU) of its own without vLLM, and to give the gate
-what vLLM cannot: the exact full-vocabulary entropy at every position, in one extra field of each choice
-(``prompt_entropies``; ``send_entropy=False`` leaves it out, to act like vLLM). The scoring is ``HFTeacher``
-(``score_chunked``: float32 logits chunk by chunk, never ``[N, V]``) at temperature 1, like vLLM's log-probs.
+Why this file exists: to serve a teacher from a machine (or GPU) of its own without vLLM or SGLang, and to give the
+gate what they cannot: the exact full-vocabulary entropy at every position, in one extra field (``prompt_entropies``
+beside vLLM's ``prompt_logprobs``, ``input_token_entropies`` in SGLang's ``meta_info``; ``send_entropy=False``
+leaves it out, to act like them). The scoring is ``HFTeacher`` (``score_chunked``: float32 logits chunk by chunk,
+never ``[N, V]``) at temperature 1, like their log-probs. ``api`` says whose shapes it answers in (``wire.vllm``,
+``wire.sglang``), so the client's both paths run against a real process.
 
 Endpoints (stdlib ``ThreadingHTTPServer``; requests are parsed and answered concurrently, scored one at a
 time under a lock so a GPU is never shared by two forwards)::
 
     GET  /health          200
-    GET  /v1/models       {"object": "list", "data": [{"id": NAME, ...}]}
+    GET  /v1/models       {"object": "list", "data": [{"id": NAME, "owned_by": "eopd" | "sglang", "max_model_len"}]}
     POST /tokenize        {"prompt": text, "add_special_tokens": bool} -> {"count", "max_model_len", "tokens"}
-    POST /v1/completions  token-id prompts with prompt_logprobs=k (see ``teacher_protocol``)
+    POST /v1/completions  api=vllm: token-id prompts with prompt_logprobs=k (``wire.vllm``), ids echoed with
+                          return_token_ids; api=sglang: prompt_logprobs ignored, as SGLang's OpenAI endpoint does
+    POST /generate        api=sglang: input_ids with return_logprob, logprob_start_len, top_logprobs_num
+                          (``wire.sglang``)
 
 It scores prompts only: no token is generated (a choice's ``text`` is empty, ``completion_tokens`` 0).
 
@@ -36,8 +41,10 @@ from typing import Any
 import torch
 
 from eopd.sampling import Rollout
-from eopd.teachers.protocol import ENTROPY_FIELD, error_body, position_entry
-from eopd.teachers.teacher import HFTeacher, TeacherScores
+from eopd.teachers.in_process import HFTeacher
+from eopd.teachers.scores import TeacherScores
+from eopd.teachers.wire import sglang, vllm
+from eopd.teachers.wire.common import error_body
 
 #: vLLM's answer to a missing or wrong key (``AuthenticationMiddleware``, vllm/entrypoints/serve/middleware/).
 UNAUTHORIZED_BODY = {"error": "Unauthorized"}
@@ -81,11 +88,16 @@ class TeacherService:
         max_batch_tokens: Largest request in padded positions, prompts x longest prompt (the scores of a
             request are ``[prompts, longest, k]`` tensors: many short prompts beside one long one would
             allocate far more than their tokens); None: the larger of ``2**21`` and 8 full-length sequences.
+        api: ``vllm`` (completions with ``prompt_logprobs``) or ``sglang`` (``/generate``; the completions
+            endpoint then ignores ``prompt_logprobs``, as SGLang's does).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, name: str, top_k_max: int = 20,
                  send_entropy: bool = True, micro_batch_size: int = 8, max_model_len: int | None = None,
-                 max_batch_tokens: int | None = None) -> None:
+                 max_batch_tokens: int | None = None, api: str = "vllm") -> None:
+        if api not in ("vllm", "sglang"):
+            raise ValueError(f"api must be vllm or sglang, got {api!r}")
+        self.api = api
         self.vocab_size = len(tokenizer)
         self.tokenizer = tokenizer
         self.name = name
@@ -101,7 +113,8 @@ class TeacherService:
 
     def models(self) -> dict[str, Any]:
         """``GET /v1/models``."""
-        card = {"id": self.name, "object": "model", "created": self.created, "owned_by": "eopd", "root": self.name,
+        owner = "sglang" if self.api == "sglang" else "eopd"
+        card = {"id": self.name, "object": "model", "created": self.created, "owned_by": owner, "root": self.name,
                 "parent": None, "max_model_len": self.max_model_len, "permission": []}
         return {"object": "list", "data": [card]}
 
@@ -115,18 +128,53 @@ class TeacherService:
         return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": None}
 
     def complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        """``POST /v1/completions``: prompt log-probs (and entropies) of token-id prompts; nothing generated."""
+        """``POST /v1/completions``: prompt log-probs (and entropies) of token-id prompts; nothing generated.
+
+        With ``return_token_ids`` each choice echoes the ids it scored (``prompt_token_ids``), as vLLM's does. With
+        ``api=sglang`` ``prompt_logprobs`` is ignored, as SGLang's OpenAI endpoint ignores it.
+        """
         self._check_model(body)
         prompts = self._prompts(body.get("prompt"))
-        k = self._top_k(body.get("prompt_logprobs"))
+        k = self._top_k(body.get("prompt_logprobs")) if self.api == "vllm" else None
         if body.get("stream") or body.get("n", 1) != 1 or body.get("echo"):
             raise BadRequestError("this server supports n=1 without stream or echo only")
         scores = self._score(prompts, k) if k is not None and max(map(len, prompts)) > 1 else None
         choices = [self._choice(i, ids, scores, k) for i, ids in enumerate(prompts)]
+        if body.get("return_token_ids"):
+            for choice, ids in zip(choices, prompts, strict=True):
+                choice["prompt_token_ids"] = list(ids)
         tokens = sum(map(len, prompts))
         return {"id": f"cmpl-eopd-{time.monotonic_ns()}", "object": "text_completion", "created": int(time.time()),
                 "model": self.name, "choices": choices,
                 "usage": {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}}
+
+    def generate(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+        """``POST /generate`` (``api=sglang``): the input log-probs of token-id sequences from each one's
+        ``logprob_start_len``, with ``top_logprobs_num`` top entries, in SGLang's shapes (``wire.sglang``)."""
+        prompts = self._prompts(body.get("input_ids"))
+        if not body.get("return_logprob") or body.get("stream"):
+            raise BadRequestError("this server answers return_logprob=true without stream only")
+        k = self._top_k(body.get("top_logprobs_num", 0)) or 0
+        if k < 1:
+            raise BadRequestError("top_logprobs_num must be >= 1")
+        starts = body.get("logprob_start_len")
+        starts = starts if isinstance(starts, list) else [starts] * len(prompts)
+        if len(starts) != len(prompts) or not all(isinstance(s, int) and not isinstance(s, bool) and
+                                                  0 <= s < len(p) for s, p in zip(starts, prompts, strict=True)):
+            raise BadRequestError("logprob_start_len must be, for each input, an int in [0, its length)")
+        scores = self._score(prompts, k) if max(map(len, prompts)) > 1 else None
+        outputs = []
+        for i, (ids, start) in enumerate(zip(prompts, starts, strict=True)):
+            n = len(ids) - 1 - start  # positions start + 1 .. L - 1, scored by rows start .. L - 2
+            rows = slice(start, start + n)
+            logp = [] if scores is None else scores.logp_BT[i, rows].tolist()
+            top_ids = [] if scores is None else scores.topk_ids_BTK[i, rows, :k].tolist()
+            top_lps = [] if scores is None else scores.topk_logprobs_BTK[i, rows, :k].tolist()
+            entropies = None if not self.send_entropy or scores is None else scores.entropy_BT[i, rows].tolist()
+            if self.send_entropy and scores is None:
+                entropies = []
+            outputs.append(sglang.generate_output(ids, start, logp, top_ids, top_lps, entropies))
+        return outputs
 
     def _check_model(self, body: dict[str, Any]) -> None:
         model = body.get("model")
@@ -179,15 +227,15 @@ class TeacherService:
         if scores is None or n == 0:
             choice["prompt_logprobs"] = [None]
             if self.send_entropy:
-                choice[ENTROPY_FIELD] = [None]
+                choice[vllm.ENTROPY_FIELD] = [None]
             return choice
         logp = scores.logp_BT[index, :n].tolist()
         top_ids = scores.topk_ids_BTK[index, :n, :k].tolist()
         top_lps = scores.topk_logprobs_BTK[index, :n, :k].tolist()
-        choice["prompt_logprobs"] = [None] + [position_entry(ids[t + 1], logp[t], top_ids[t], top_lps[t])
+        choice["prompt_logprobs"] = [None] + [vllm.position_entry(ids[t + 1], logp[t], top_ids[t], top_lps[t])
                                               for t in range(n)]
         if self.send_entropy:
-            choice[ENTROPY_FIELD] = [None, *scores.entropy_BT[index, :n].tolist()]
+            choice[vllm.ENTROPY_FIELD] = [None, *scores.entropy_BT[index, :n].tolist()]
         return choice
 
 
@@ -212,10 +260,13 @@ class Handler(BaseHTTPRequestHandler):
             self._send(404, error_body(f"no route GET {self.path}", 404))
 
     def do_POST(self) -> None:
-        """``/v1/completions`` and ``/tokenize``."""
+        """``/v1/completions`` and ``/tokenize`` (and ``/generate`` with ``api=sglang``)."""
         if not self._authorized():
             return
-        routes = {"/v1/completions": self.server.service.complete, "/tokenize": self.server.service.tokenize}
+        service = self.server.service
+        routes: dict[str, Any] = {"/v1/completions": service.complete, "/tokenize": service.tokenize}
+        if service.api == "sglang":
+            routes["/generate"] = service.generate
         if self.path not in routes:
             self._refuse(404, error_body(f"no route POST {self.path}", 404), drain_up_to=self.server.max_body_bytes)
             return
@@ -281,7 +332,7 @@ class Handler(BaseHTTPRequestHandler):
                 length -= len(piece)
         self._send(status, body, close=True)
 
-    def _send(self, status: int, body: dict[str, Any], *, close: bool = False) -> None:
+    def _send(self, status: int, body: Any, *, close: bool = False) -> None:
         """The JSON answer; ``close`` ends the connection after it (a request whose body was not read)."""
         data = json.dumps(body).encode()
         self.send_response(status)

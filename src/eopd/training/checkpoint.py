@@ -59,6 +59,12 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / "checkpoints" / f"step_{step:06d}"
 
 
+def staging_dir(output_dir: str | Path, step: int, name: str) -> Path:
+    """Where every process writes its part of ``name`` (a sharded optimizer) before the main process moves it into
+    the checkpoint of ``step``: hidden, so it is never taken for a checkpoint, and emptied before each write."""
+    return Path(output_dir) / "checkpoints" / f".step_{step:06d}.{name}.staged"
+
+
 def save_checkpoint(
     output_dir: str | Path,
     step: int,
@@ -66,8 +72,11 @@ def save_checkpoint(
     tokenizer: Any,
     trainer_state: dict[str, Any],
     keep: int = 2,
+    *,
+    model_state: dict[str, Any] | None = None,
+    shards: dict[str, Path] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically and prune old ones.
+    """Write a checkpoint atomically and prune old ones (the main process; the others wrote ``shards`` already).
 
     Args:
         output_dir: The run folder.
@@ -76,6 +85,8 @@ def save_checkpoint(
         tokenizer: Saved beside the model so the folder is self-contained.
         trainer_state: Everything else resume needs (tensors and plain data; written with ``torch.save``).
         keep: How many step checkpoints to keep.
+        model_state: The whole student's state dict when ``model`` holds only a shard (FSDP).
+        shards: Folders every process wrote into (a sharded optimizer), moved into the checkpoint under their key.
 
     Returns:
         The final checkpoint folder.
@@ -85,8 +96,10 @@ def save_checkpoint(
         if is_lora(model):
             save_adapter_folder(tmp / ADAPTER_DIR, model, tokenizer)
         else:
-            save_model_folder(tmp / MODEL_DIR, model, tokenizer)
+            save_model_folder(tmp / MODEL_DIR, model, tokenizer, state_dict=model_state)
         torch.save(trainer_state, tmp / "trainer.pt")
+        for name, folder in (shards or {}).items():
+            folder.rename(tmp / name)
     for old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -138,23 +151,25 @@ def free_name(path: Path) -> Path:
 def capture_state(
     *,
     loop: dict[str, int],
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict[str, Any] | None,
     scheduler: Any,
     generators: dict[str, torch.Generator],
     adaptive: Any,
     rank: int,
     world: int,
     config: dict[str, Any],
+    strategy: str = "ddp",
 ) -> dict[str, Any]:
     """Everything resume needs beside the model weights (``trainer.pt``). All processes must call: each
-    process's generator states are gathered so every rank resumes its own stream."""
+    process's generator states are gathered so every rank resumes its own stream. ``optimizer_state`` is None
+    when the optimizer is saved apart (sharded, ``OPTIMIZER_DIR``); ``strategy`` names who wrote it."""
     from accelerate.utils import gather_object
 
     per_rank = gather_object([{"rank": rank, "gens": {k: g.get_state() for k, g in generators.items()},
                                "torch_rng": torch.get_rng_state(), "cuda_rng": _cuda_rng_state()}])
     return {
         "loop": dict(loop),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "generators": {d["rank"]: d["gens"] for d in per_rank},
         "torch_rngs": {d["rank"]: d["torch_rng"] for d in per_rank},
@@ -162,6 +177,7 @@ def capture_state(
         "torch_rng": torch.get_rng_state(),
         "adaptive_tau": None if adaptive is None else adaptive.state_dict(),
         "world_size": world,
+        "strategy": strategy,
         "config": config,
     }
 
@@ -169,25 +185,30 @@ def capture_state(
 def restore_state(
     state: dict[str, Any],
     *,
-    optimizer: torch.optim.Optimizer,
     scheduler: Any,
     generators: dict[str, torch.Generator],
     adaptive: Any,
     rank: int,
     world: int,
+    any_world: bool = False,
 ) -> dict[str, int]:
-    """Load what ``capture_state`` saved into the live objects; returns the loop counters.
+    """Load what ``capture_state`` saved (but the optimizer: ``Strategy.load_optimizer``) into the live objects;
+    returns the loop counters.
+
+    ``any_world``: the checkpoint may come from another number of processes (a sharded optimizer reshards on load):
+    a process the checkpoint has no random streams for keeps the fresh ones it was built with.
 
     Raises:
-        CheckpointError: the checkpoint was written by another number of processes.
+        CheckpointError: the checkpoint was written by another number of processes and ``any_world`` is false.
     """
-    if state.get("world_size", 1) != world:
-        raise CheckpointError(f"the checkpoint was written by {state['world_size']} processes; resume with the "
-                              f"same number (now {world})")
-    optimizer.load_state_dict(state["optimizer"])
+    saved_world = state.get("world_size", 1)
+    if saved_world != world and not any_world:
+        raise CheckpointError(f"the checkpoint was written by {saved_world} processes; resume with the same number "
+                              f"(now {world}), or with parallel.strategy=fsdp, whose checkpoints reshard")
     scheduler.load_state_dict(state["scheduler"])
-    for k, g in generators.items():
-        g.set_state(state["generators"][rank][k])
+    if rank in state["generators"]:
+        for k, g in generators.items():
+            g.set_state(state["generators"][rank][k])
     torch.set_rng_state(state.get("torch_rngs", {}).get(rank, state["torch_rng"]))
     cuda_rng = state.get("cuda_rng", {}).get(rank)
     if cuda_rng is not None and torch.cuda.is_available():

@@ -4,11 +4,9 @@
 steps what it returns. Kept apart so a test can build a run's pieces without running it, and so the loop
 file stays one screen.
 
-Processes: one CPU, one GPU, or several processes under ``torchrun`` / ``accelerate launch`` with DDP. Each
-process samples its share of every step's prompts; losses are normalised by the valid-token count summed
-over all processes. FSDP is not supported yet: the fused loss reads the lm_head weight outside the wrapped
-module and sampling and saving use the unwrapped model, which is only correct when every process holds
-the full weights (DDP).
+Processes: one CPU, one GPU, or several processes under ``torchrun`` / ``accelerate launch``, the student
+spread over them by ``parallel.strategy`` (DDP or FSDP2, ``eopd.training.sharding``). Each process samples its
+share of every step's prompts; losses are normalised by the valid-token count summed over all processes.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ import torch
 from eopd.config import ConfigError, ModelsConfig, TrainConfig
 from eopd.losses import AdaptiveTau, ObjectiveConfig
 from eopd.models import (
-    aligned_vocab_size,
     build_tiny_checkpoint,
     build_tiny_tokenizer,
     load_causal_lm,
@@ -39,10 +36,11 @@ from eopd.sampling import check_output_head
 from eopd.tasks import build_task
 from eopd.tasks.base import Problem, Task
 from eopd.tasks.sources import split_sources
-from eopd.teachers import HFTeacher, Teacher
+from eopd.teachers import Teacher, TeacherSet, build_teachers
 from eopd.training import checkpoint as ckpt
 from eopd.training.optim import build_optimizer, build_scheduler
 from eopd.training.resume import check_same_step, earlier_run, resume_choice
+from eopd.training.sharding import Strategy, build_strategy, check_strategy
 from eopd.training.trainer_state import load_trainer_state
 
 Tensor = torch.Tensor
@@ -59,12 +57,14 @@ class LoopState:
 
 @dataclass
 class Components:
-    """One run's pieces. ``student`` is the plain model (sampled, saved); ``model`` is the same student as
-    prepared by accelerate (DDP-wrapped under several processes), used for the loss forward."""
+    """One run's pieces. ``student`` is the model that is sampled and saved; ``model`` is the same student as the
+    strategy prepared it (DDP-wrapped under several processes; under FSDP the very same sharded module), used for
+    the loss forward through ``strategy.in_forward``."""
 
     cfg: TrainConfig
     obj: ObjectiveConfig
     accelerator: Any
+    strategy: Strategy
     device: torch.device
     autocast_dtype: torch.dtype | None
     tokenizer: Any
@@ -212,40 +212,13 @@ def teacher_placement(models: ModelsConfig, student_device: torch.device, num_pr
 
 
 def build_teacher(cfg: TrainConfig, student: torch.nn.Module, tokenizer: Any,
-                  device: torch.device) -> tuple[Teacher, torch.nn.Module | None, int]:
-    """The run's teacher, its local model (None when served) and the vocabulary both models are compared on.
-
-    Served (``teacher.url``): the servers are checked now (model, tokenizer, one scoring request), so a wrong
-    or unreachable teacher stops the run at start with one line; ``models.teacher`` is then not loaded.
-
-    In-process: loaded on ``teacher_placement``'s device and dtype (``device`` is the student's), frozen
-    (``requires_grad=False``) and never given to the optimizer or to accelerate's ``prepare``, so it holds its
-    weights and nothing else; ``HFTeacher`` moves each rollout to it and the scores back.
-    """
-    m, t = cfg.models, cfg.teacher
-    check_output_head(student, m.student)  # the student's head (the teacher's: HFTeacher); outside load_newest
-    if t.urls:
-        from eopd.teachers import ServedTeacher
-
-        vocab_size = aligned_vocab_size(student, student, tokenizer)
-        served = ServedTeacher(t.urls, vocab_size=vocab_size, model=t.model, entropy=t.entropy,
-                               top_logprobs=t.top_logprobs, timeout_s=t.timeout_s, retries=t.retries,
-                               backoff_s=t.backoff_s, max_in_flight=t.max_in_flight,
-                               rows_per_request=cfg.optim.micro_batch_size)
-        served.connect(tokenizer, top_k=min(cfg.objective_config().top_k, vocab_size),
-                       check_tokenizer=t.check_tokenizer)
-        if os.environ.get("RANK", "0") == "0":
-            print(served.describe(), flush=True)
-        return served, None, vocab_size
-    teacher_device, teacher_dtype = teacher_placement(m, device, int(os.environ.get("WORLD_SIZE", "1")))
-    teacher_model = load_causal_lm(m.teacher, device=teacher_device, dtype=teacher_dtype,
-                                   trust_remote_code=m.trust_remote_code)
-    teacher_model.requires_grad_(False)
-    vocab_size = aligned_vocab_size(teacher_model, student, tokenizer)
-    teacher = HFTeacher(teacher_model, vocab_size, cfg.rollout.temperature, cfg.optim.micro_batch_size,
-                        cfg.chunk_size, entropy=t.entropy, entropy_top_k=t.top_logprobs,
-                        max_tokens_per_micro_batch=cfg.optim.max_tokens_per_micro_batch)
-    return teacher, teacher_model, vocab_size
+                  device: torch.device) -> tuple[Teacher | TeacherSet, torch.nn.Module | None, int]:
+    """The run's teacher (several routed per prompt: a ``TeacherSet``), its local model (one in-process teacher
+    only, else None) and the vocabulary both models are compared on: ``eopd.teachers.build_teachers``, with an
+    in-process teacher placed by ``teacher_placement`` (``device`` is the student's)."""
+    check_output_head(student, cfg.models.student)  # the student's head (the teacher's: HFTeacher); outside load_newest
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return build_teachers(cfg, student, tokenizer, placement=lambda: teacher_placement(cfg.models, device, world))
 
 
 def build_student(cfg: TrainConfig, device: torch.device, checkpoint: Path | None = None) -> torch.nn.Module:
@@ -275,6 +248,13 @@ def build_student(cfg: TrainConfig, device: torch.device, checkpoint: Path | Non
     return lora.load_adapter(base, folder)
 
 
+def checked_state(checkpoint: Path, strategy: Strategy) -> dict[str, Any]:
+    """``trainer.pt`` of ``checkpoint``, read without running code, from a checkpoint ``strategy`` can resume."""
+    state = load_trainer_state(checkpoint)
+    strategy.check_checkpoint(checkpoint, state)
+    return state
+
+
 def build_components(cfg: TrainConfig) -> Components:
     """Processes, models, prompts, optimizer and generators of a run (resumed from a checkpoint when asked)."""
     from accelerate import Accelerator
@@ -287,9 +267,10 @@ def build_components(cfg: TrainConfig) -> Components:
     accelerator = Accelerator(cpu=requested.type == "cpu")
     device = requested if requested.index is not None else accelerator.device
     if "FSDP" in str(accelerator.distributed_type) or "DEEPSPEED" in str(accelerator.distributed_type):
-        raise ConfigError(f"accelerate is configured for {accelerator.distributed_type}; eopd supports plain "
-                          "data parallelism (DDP) only for now: run `accelerate config` without FSDP/DeepSpeed")
+        raise ConfigError(f"accelerate is configured for {accelerator.distributed_type}; eopd shards the student "
+                          "itself (parallel.strategy=fsdp): run `accelerate config` without FSDP/DeepSpeed")
     check_process_count(cfg, accelerator.num_processes)
+    check_strategy(cfg, accelerator.num_processes)
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
         ensure_models(cfg)
@@ -297,6 +278,7 @@ def build_components(cfg: TrainConfig) -> Components:
 
     m = cfg.models
     dtype = resolve_dtype(m.dtype, device)
+    strategy = build_strategy(cfg, accelerator, device, dtype)
     tokenizer = load_tokenizer(m.tokenizer or m.student, m.trust_remote_code)
     resolve_chat_template(tokenizer, cfg.data.chat_template)  # before any model loads
 
@@ -306,7 +288,7 @@ def build_components(cfg: TrainConfig) -> Components:
     resume_from, state = None, None
     say = (lambda msg: print(msg, flush=True)) if accelerator.is_main_process else (lambda msg: None)
     if cfg.resume:  # one choice (process 0's), loaded by every process; any failure stops them all
-        found = resume_choice(out, lambda p: (build_student(cfg, device, p), load_trainer_state(p)),
+        found = resume_choice(out, lambda p: (build_student(cfg, device, p), checked_state(p, strategy)),
                                    say=say, rank=accelerator.process_index, world=accelerator.num_processes)
         if found is None and not earlier_run(out):
             say(f"resume=true but {out / 'checkpoints'} holds no complete checkpoint: starting fresh")
@@ -336,15 +318,21 @@ def build_components(cfg: TrainConfig) -> Components:
                                 template_kwargs=cfg.data.chat_template_kwargs)
 
     o = cfg.optim
-    optimizer = build_optimizer(student.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+    built: list[torch.optim.Optimizer] = []
+
+    def optimizer_for(module: torch.nn.Module) -> torch.optim.Optimizer:  # on the parameters the strategy steps
+        built.append(build_optimizer(module.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
+                                     weight_decay=o.weight_decay))
+        return built[-1]
+
+    model, optimizer = strategy.prepare(student, optimizer_for)
     updates = o.ppo_epochs * cfg.rollout.batch_size // o.minibatch_size
     # the scheduler is NOT prepared by accelerate: it would step once per process per call
-    scheduler = build_scheduler(optimizer, total_updates=cfg.max_steps * updates, warmup_updates=o.warmup_steps,
+    scheduler = build_scheduler(built[0], total_updates=cfg.max_steps * updates, warmup_updates=o.warmup_steps,
                                 min_lr_ratio=o.min_lr_ratio)
-    model, optimizer = accelerator.prepare(student, optimizer)
     adaptive = AdaptiveTau(obj.adaptive_share, obj.adaptive_momentum) if obj.adaptive_share is not None else None
     c = Components(
-        cfg=cfg, obj=obj, accelerator=accelerator, device=device,
+        cfg=cfg, obj=obj, accelerator=accelerator, strategy=strategy, device=device,
         autocast_dtype=dtype if (device.type == "cuda" and dtype != torch.float32) else None,
         tokenizer=tokenizer, student=student, model=model, teacher_model=teacher_model, teacher=teacher,
         vocab_size=vocab_size, eos_ids=eos_token_ids(tokenizer, student), task=task, problems=problems,
@@ -353,8 +341,10 @@ def build_components(cfg: TrainConfig) -> Components:
         state=LoopState(), resume_from=resume_from, out=out,
     )
     if state is not None:
-        loop = ckpt.restore_state(state, optimizer=optimizer, scheduler=scheduler,
-                                  generators=c.generators, adaptive=adaptive, rank=c.rank, world=c.world)
+        assert resume_from is not None
+        strategy.load_optimizer(model, optimizer, resume_from, state)
+        loop = ckpt.restore_state(state, scheduler=scheduler, generators=c.generators, adaptive=adaptive,
+                                  rank=c.rank, world=c.world, any_world=strategy.name == "fsdp")
         c.state = LoopState(**loop)
         check_same_step(c.state.step, c.world)
     return c

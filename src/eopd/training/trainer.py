@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -28,14 +29,16 @@ import torch
 from eopd.config import TrainConfig, to_dict
 from eopd.folders import atomic_folder, save_model_folder
 from eopd.tasks.base import Problem
-from eopd.teachers import TeacherUnavailableError
+from eopd.teachers import TeacherSet, TeacherUnavailableError, finish_teacher_metrics
 from eopd.tracking import MetricsLogger, truncate_metrics
 from eopd.training import checkpoint as ckpt
 from eopd.training.agree import first_failure, stop_together
 from eopd.training.collect import collect_batch, step_prompt_indices
 from eopd.training.components import Components, build_components
 from eopd.training.resume import claim_output_dir
+from eopd.training.sharding import OPTIMIZER_DIR
 from eopd.training.step_metrics import reduce_step
+from eopd.training.teacher_metrics import split_teacher_roles, with_teacher_roles
 from eopd.training.update import ppo_update
 
 
@@ -47,6 +50,8 @@ def step(c: Components) -> dict[str, float]:
     prompts = step_prompt_indices(len(c.problems), c.state.data_position, r.prompts_per_step, cfg.seed, c.rank,
                                   c.world)
     roles = getattr(c.task, "token_roles", None)
+    several = isinstance(c.teacher, TeacherSet)  # several teachers: each prompt's own, per-teacher metrics
+    teacher_ids = c.teacher.routes(c.problems, prompts) if several else None
     with c.autocast():
         batch = collect_batch(
             c.student, c.teacher, [c.prompt_ids[i] for i in prompts], obj=c.obj, n=r.n,
@@ -55,20 +60,22 @@ def step(c: Components) -> dict[str, float]:
             loss_generator=c.generators["loss"], adaptive=c.adaptive, fused=cfg.loss_impl == "fused",
             gather_over_processes=lambda x: torch.cat(gather_object([x.cpu()])).to(x.device) if c.world > 1 else x,
             token_roles=functools.partial(roles, c.tokenizer) if callable(roles) and cfg.optim.diagnostics else None,
-            max_batch_size=r.max_batch_size,
+            max_batch_size=r.max_batch_size, compile=r.compile, whole_student=lambda: c.strategy.whole(c.student),
             agree_failure=functools.partial(first_failure, world=c.world, reduce_sum=lambda x: c.reduce_sum(
-                x.to(c.device)).cpu(), gather=gather_object))
+                x.to(c.device)).cpu(), gather=gather_object), teacher_ids=teacher_ids)
     t1 = time.perf_counter()
     lr = c.optimizer.param_groups[0]["lr"]
     sums, grad_norms = ppo_update(
-        c.model, batch, obj=c.obj, optim=cfg.optim, optimizer=c.optimizer, scheduler=c.scheduler,
-        accelerator=c.accelerator, generator=c.generators["shuffle"], loss_impl=cfg.loss_impl,
+        c.model, with_teacher_roles(batch) if several and cfg.optim.diagnostics else batch, obj=c.obj,
+        optim=cfg.optim, optimizer=c.optimizer, scheduler=c.scheduler,
+        strategy=c.strategy, generator=c.generators["shuffle"], loss_impl=cfg.loss_impl,
         vocab_size=c.vocab_size, chunk_size=cfg.chunk_size, autocast=c.autocast)
     t2 = time.perf_counter()
     c.state.step += 1
     c.state.updates += c.updates_per_step
     c.state.data_position += r.prompts_per_step
 
+    split_teacher_roles(sums)
     sums.update({k: sums.get(k, 0.0) + v for k, v in batch.token_sums.items()})
     metrics, tokens, rows, grad_norm = reduce_step(
         sums, tokens=float(batch.rollout.completion_mask_BT.sum()), rows=float(batch.num_rows),
@@ -82,6 +89,8 @@ def step(c: Components) -> dict[str, float]:
         **{f"time/{k}": v for k, v in times.items()},
         **{f"tokens_per_s/{k}": tokens / max(v, 1e-9) for k, v in times.items()},
     })
+    if several:
+        finish_teacher_metrics(metrics, c.teacher.names, c.teacher.objectives)
     return metrics
 
 
@@ -120,11 +129,12 @@ def evaluate(c: Components) -> dict[str, float]:
 
     e = c.cfg.eval
     g = torch.Generator(device=c.generators["sample"].device).manual_seed(c.cfg.seed + 12_345)
-    records = evaluate_across_processes(
-        c.student, c.tokenizer, first_of_each_benchmark(c.task.problems(e.split), e.problems), c.task,
-        rank=c.rank, world=c.world, gather=gather_object, n=e.n, temperature=e.temperature, top_p=e.top_p,
-        max_new_tokens=e.max_new_tokens or c.cfg.rollout.max_new_tokens, generator=g,
-        use_chat_template=c.cfg.data.chat_template, chat_template_kwargs=c.cfg.data.chat_template_kwargs)
+    with c.strategy.whole(c.student):  # FSDP: unsharded once, no gather per token
+        records = evaluate_across_processes(
+            c.student, c.tokenizer, first_of_each_benchmark(c.task.problems(e.split), e.problems), c.task,
+            rank=c.rank, world=c.world, gather=gather_object, n=e.n, temperature=e.temperature, top_p=e.top_p,
+            max_new_tokens=e.max_new_tokens or c.cfg.rollout.max_new_tokens, generator=g,
+            use_chat_template=c.cfg.data.chat_template, chat_template_kwargs=c.cfg.data.chat_template_kwargs)
     c.student.train()
     result = result_from_records(records, with_paths=names_paths(c.task))
     metrics = {f"eval/{k}": v for k, v in result.metrics.items() if k != "num_problems"}
@@ -146,14 +156,33 @@ def first_of_each_benchmark(problems: list[Problem], n: int) -> list[Problem]:
 
 
 def save(c: Components) -> Path | None:
-    """Checkpoint the current step (all processes call; the main one writes). A checkpoint of this step that
-    exists already (a run resumed at its last step) holds this very state and is left as it is."""
-    state = ckpt.capture_state(loop=vars(c.state), optimizer=c.optimizer, scheduler=c.scheduler,
-                               generators=c.generators, adaptive=c.adaptive, rank=c.rank, world=c.world,
-                               config=to_dict(c.cfg))
+    """Checkpoint the current step (all processes call; the main one writes, after every process wrote its part of
+    a sharded optimizer). A checkpoint of this step that exists already (a run resumed at its last step) holds this
+    very state and is left as it is."""
+    from accelerate.utils import broadcast_object_list
+
+    optimizer_state = c.strategy.optimizer_state(c.optimizer)  # None: sharded, saved apart below
+    state = ckpt.capture_state(loop=vars(c.state), optimizer_state=optimizer_state,
+                               scheduler=c.scheduler, generators=c.generators, adaptive=c.adaptive, rank=c.rank,
+                               world=c.world, config=to_dict(c.cfg), strategy=c.strategy.name)
     path = ckpt.checkpoint_dir(c.out, c.state.step)
-    if c.is_main and not path.exists():
-        ckpt.save_checkpoint(c.out, c.state.step, c.student, c.tokenizer, state, keep=c.cfg.keep_checkpoints)
+    exists = path.exists()
+    if c.world > 1:  # the main process decides, so that every process runs the same collectives below
+        exists = broadcast_object_list([exists])[0]
+    if exists:
+        return path
+    shards = {}
+    if optimizer_state is None:  # every process writes its shard
+        staged = ckpt.staging_dir(c.out, c.state.step, OPTIMIZER_DIR)
+        if c.is_main and staged.exists():
+            shutil.rmtree(staged)  # a save that died half-way
+        c.accelerator.wait_for_everyone()
+        c.strategy.save_optimizer(c.model, c.optimizer, staged)
+        shards = {OPTIMIZER_DIR: staged}
+    model_state = c.strategy.full_state_dict(c.model)  # FSDP: gathered on the main process
+    if c.is_main:
+        ckpt.save_checkpoint(c.out, c.state.step, c.student, c.tokenizer, state, keep=c.cfg.keep_checkpoints,
+                             model_state=model_state, shards=shards)
     c.accelerator.wait_for_everyone()
     return path
 
@@ -166,12 +195,13 @@ def save_final(c: Components) -> Path:
     from eopd.training.lora import is_lora, save_final_folder
 
     final = c.out / "final"
+    model_state = c.strategy.full_state_dict(c.model)  # all processes: FSDP gathers the shards on the main one
     if c.is_main:
         with atomic_folder(final) as tmp:
             if is_lora(c.student):
                 save_final_folder(tmp, c.student, c.tokenizer, trust_remote_code=c.cfg.models.trust_remote_code)
             else:
-                save_model_folder(tmp, c.student, c.tokenizer)
+                save_model_folder(tmp, c.student, c.tokenizer, state_dict=model_state)
     return final
 
 

@@ -1,10 +1,14 @@
-"""Reading a checkpoint's ``trainer.pt`` without running code, and telling damage from a refusal.
+"""Reading a checkpoint's own files (``trainer.pt``, a sharded optimizer) without running code, and telling
+damage from a refusal.
 
-Why its own module: ``torch.load`` of a pickle runs whatever the file asks for, so a checkpoint from anywhere else
-(shared storage, a colleague's run, a download) would run code on ``resume=true``. The state is read with
+Why its own module: unpickling runs whatever the file asks for, so a checkpoint from anywhere else (shared storage,
+a colleague's run, a download) would run code on ``resume=true``. ``trainer.pt`` is read with
 ``weights_only=True``, and when that fails the file's bytes decide what it was: a truncated archive, a failing
 CRC-32 or a pickle that does not parse is proven damage (the checkpoint is set aside), a refused call is a crafted
-or foreign file (nothing runs, nothing moves), anything else stops the run with one line.
+or foreign file (nothing runs, nothing moves), anything else stops the run with one line. A sharded optimizer
+(``torch.distributed.checkpoint``, FSDP) keeps its layout in a ``.metadata`` pickle that DCP's own reader loads
+with plain ``pickle.load``: ``SafeMetadataReader`` reads it allowing only DCP's metadata classes, and
+``check_sharded_folder`` proves every shard file is there and long enough before anything is loaded.
 """
 
 from __future__ import annotations
@@ -20,6 +24,11 @@ from typing import Any
 import torch
 
 from eopd.training.checkpoint import CheckpointDamagedError, CheckpointError, UnsafeCheckpointError
+
+#: The globals a DCP ``.metadata`` pickle names (torch 2.x): its metadata dataclasses, a path, sizes, dtypes.
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+_DCP_GLOBALS = {("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("torch", "Size"),
+                ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
 
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
@@ -113,3 +122,73 @@ def _pickle_does_not_parse(f: Any) -> str | None:
         return f"its pickle does not parse: {err}"
     return None
 
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Rebuilds DCP metadata and nothing else: any other global stops the read before it is called."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module in _DCP_MODULES and not name.startswith("__")) or (module, name) in _DCP_GLOBALS or is_dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a sharded checkpoint's metadata")
+
+
+def read_sharded_metadata(folder: Path) -> Any:
+    """The ``torch.distributed.checkpoint`` metadata of ``folder``, read without running code.
+
+    Raises:
+        CheckpointDamagedError: ``.metadata`` is missing or does not parse.
+        UnsafeCheckpointError: it names a callable that DCP metadata never holds; nothing ran.
+    """
+    path = folder / ".metadata"
+    if not path.is_file():
+        raise CheckpointDamagedError(path, f"{str(path)!r} is missing")
+    try:
+        with path.open("rb") as f:
+            return _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as err:
+        if "is not part of" in str(err):
+            raise UnsafeCheckpointError(f"{str(path)!r} was not read: reading it would call {err}; nothing ran and "
+                                        "nothing was moved; resume only from checkpoints you trust") from None
+        raise CheckpointDamagedError(path, f"{str(path)!r} is damaged ({err})") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
+        raise CheckpointDamagedError(path, f"{str(path)!r} is damaged ({type(err).__name__}: {err})") from None
+
+
+def check_sharded_folder(folder: Path) -> None:
+    """Prove that a sharded checkpoint folder is whole: its metadata parses (safely) and every shard file it
+    names exists and holds the bytes the metadata points at.
+
+    Raises:
+        CheckpointDamagedError: naming the missing or short file.
+        UnsafeCheckpointError: the metadata would run code.
+    """
+    metadata = read_sharded_metadata(folder)
+    needed: dict[str, int] = {}
+    for info in getattr(metadata, "storage_data", {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        shard = folder / name
+        if not shard.is_file():
+            raise CheckpointDamagedError(shard, f"{str(shard)!r} is missing (a shard of the sharded optimizer)")
+        if shard.stat().st_size < size:
+            raise CheckpointDamagedError(shard, f"{str(shard)!r} is truncated ({shard.stat().st_size:,} of at least "
+                                                f"{size:,} bytes)")
+
+
+def safe_sharded_reader(folder: Path) -> Any:
+    """DCP's ``FileSystemReader`` for ``folder`` whose metadata is read by ``read_sharded_metadata``."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeMetadataReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            metadata = read_sharded_metadata(folder)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeMetadataReader(str(folder))

@@ -25,8 +25,9 @@ import torch
 from eopd.config import OptimConfig
 from eopd.losses import ObjectiveConfig, ObjectiveOutput, objective
 from eopd.losses.objectives import DIAG_KEYS
-from eopd.sampling import completion_hidden_states, completion_logits, logit_softcap, micro_batches, output_head
+from eopd.sampling import completion_hidden_states, completion_logits, micro_batches, output_head
 from eopd.training.collect import Batch
+from eopd.training.sharding import Strategy
 from eopd.training.step_metrics import RAW, ROLE_PARTS, merge_metrics
 
 Tensor = torch.Tensor
@@ -34,7 +35,6 @@ Tensor = torch.Tensor
 
 def student_loss(
     model: torch.nn.Module,
-    head: torch.nn.Module,
     obj: ObjectiveConfig,
     batch: Batch,
     *,
@@ -48,11 +48,11 @@ def student_loss(
 
     ``plain`` materialises the student's ``[b, T, V]`` logits; ``fused`` runs the chunked lm_head + loss that
     keeps at most ``chunk_size x V`` alive and computes the lm_head gradients in the same pass (only the first
-    ``vocab_size`` rows of a padded lm_head are used; ``head`` is the model's output embedding; the model's
-    soft-cap, if any, is applied as its forward does). Exact full-vocabulary baselines on the fused path get
-    the teacher's hidden states and lm_head (with its soft-cap) instead of its logits and recompute them
-    chunk by chunk. ``diagnostics`` adds the per-term logit-gradient parts to
-    ``token_parts`` (``[b, T]`` on the plain path, ``[N_valid]`` on the fused one).
+    ``vocab_size`` rows of a padded lm_head are used). The lm_head is read from ``model``, so under FSDP this runs
+    inside the root's forward (``Strategy.in_forward``); the model's soft-cap, if any, is applied as its forward
+    does. Exact full-vocabulary baselines on the fused path get the teacher's hidden states and lm_head (with its
+    soft-cap) instead of its logits and recompute them chunk by chunk. ``diagnostics`` adds the per-term
+    logit-gradient parts to ``token_parts`` (``[b, T]`` on the plain path, ``[N_valid]`` on the fused one).
     """
     rollout = batch.rollout
     if impl == "plain":
@@ -68,23 +68,26 @@ def student_loss(
         t_head = batch.scores.head
         teacher = {"teacher_hidden": batch.scores.hidden_BTH[mask], "teacher_weight": t_head.weight,
                    "teacher_bias": t_head.bias, "teacher_softcap": t_head.softcap}
+    head = output_head(model)
     return fused_objective(obj, hidden_NH, head.weight, batch.tokens.map(lambda x: x[mask]),
                            weights=batch.weights.map(lambda x: x[mask]), normalizer=normalizer,
                            chunk_size=chunk_size, lm_head_bias=head.bias, vocab_size=vocab_size,
-                           diagnostics=diagnostics, softcap=logit_softcap(model), **teacher)
+                           diagnostics=diagnostics, softcap=head.softcap, **teacher)
 
 
 @torch.no_grad()
 def learner_logprobs(
     model: torch.nn.Module, batch: Batch, *, impl: str, temperature: float, vocab_size: int,
     chunk_size: int | None, rows_per_forward: int, max_tokens: int | None = None,
+    same_count: Callable[[int], int] = lambda n: n,
 ) -> Tensor:
     """The learner's log-prob of every sampled token before the update, ``[B, T]`` (0 where masked).
 
     Computed exactly as the loss computes its own (``fused``: the chunked lm_head in the hidden states'
     dtype with float32 soft-cap and softmax math; ``plain``: full logits), so the PPO ratio of the first
     update is 1.
-    Rows go through in the update's micro-batches (``rows_per_forward`` rows, or ``max_tokens`` padded tokens).
+    Rows go through in the update's micro-batches (``rows_per_forward`` rows, or ``max_tokens`` padded tokens);
+    ``same_count`` (FSDP: every process runs as many forwards) may add forwards whose result is dropped.
     """
     from eopd.losses.divergences import gather_log_probs
     from eopd.losses.scoring import score_chunked
@@ -92,7 +95,9 @@ def learner_logprobs(
     head = output_head(model)
     out = torch.zeros_like(batch.rollout.logp_old_BT)
     rows = torch.arange(batch.num_rows, device=out.device)
-    for g in micro_batches(batch.rollout, rows, size=rows_per_forward, max_tokens=max_tokens):
+    groups = micro_batches(batch.rollout, rows, size=rows_per_forward, max_tokens=max_tokens)
+    for j in range(same_count(len(groups))):
+        g = groups[min(j, len(groups) - 1)]
         rollout = batch.rollout.select(g).trimmed()
         tokens_BT = rollout.completion_ids_BT
         if impl == "plain":
@@ -101,7 +106,8 @@ def learner_logprobs(
             logp_BT = score_chunked(completion_hidden_states(model, rollout), head.weight, tokens_BT,
                                     temperature=temperature, chunk_size=chunk_size, vocab_size=vocab_size,
                                     bias=head.bias, float32_logits=False, softcap=head.softcap).logp
-        out[g, : tokens_BT.shape[1]] = logp_BT.float() * rollout.completion_mask_BT
+        if j < len(groups):
+            out[g, : tokens_BT.shape[1]] = logp_BT.float() * rollout.completion_mask_BT
     return out
 
 
@@ -217,7 +223,7 @@ def ppo_update(
     optim: OptimConfig,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-    accelerator: Any,
+    strategy: Strategy,
     generator: torch.Generator,
     loss_impl: str,
     vocab_size: int,
@@ -241,22 +247,23 @@ def ppo_update(
         count after reducing over processes; ``_min``/``_max`` keys are extremes, ``RAW`` keys raw sums), and
         the pre-clip gradient norm of every update.
     """
-    world = accelerator.num_processes
-    learner = accelerator.unwrap_model(model)
+    world = strategy.world
+    learner = strategy.learner(model)
     sums: dict[str, float] = {}
     grad_norms: list[float] = []
     if optim.recompute_logp_old and obj.needs_logp_old:
         learner.eval()
         with autocast():
-            logp_BT = learner_logprobs(learner, batch, impl=loss_impl, temperature=obj.temperature,
-                                       vocab_size=vocab_size, chunk_size=chunk_size,
-                                       rows_per_forward=optim.micro_batch_size,
-                                       max_tokens=optim.max_tokens_per_micro_batch)
+            logp_BT = strategy.in_forward(model, learner_logprobs, batch, grad=False, impl=loss_impl,
+                                          temperature=obj.temperature, vocab_size=vocab_size, chunk_size=chunk_size,
+                                          rows_per_forward=optim.micro_batch_size,
+                                          max_tokens=optim.max_tokens_per_micro_batch,
+                                          same_count=strategy.same_count)
         batch, sums = with_learner_logp_old(batch, logp_BT)
     model.train()
     roles = None if batch.role_ids_BT is None or not optim.diagnostics else all_role_names(batch.role_names, world)
     with checkpointed(learner, optim.gradient_checkpointing):
-        _epochs(model, batch, obj=obj, optim=optim, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator,
+        _epochs(model, batch, obj=obj, optim=optim, optimizer=optimizer, scheduler=scheduler, strategy=strategy,
                 generator=generator, loss_impl=loss_impl, vocab_size=vocab_size, chunk_size=chunk_size,
                 autocast=autocast, roles=roles, sums=sums, grad_norms=grad_norms)
     return sums, grad_norms
@@ -264,30 +271,35 @@ def ppo_update(
 
 def _epochs(
     model: torch.nn.Module, batch: Batch, *, obj: ObjectiveConfig, optim: OptimConfig,
-    optimizer: torch.optim.Optimizer, scheduler: Any, accelerator: Any, generator: torch.Generator, loss_impl: str,
+    optimizer: torch.optim.Optimizer, scheduler: Any, strategy: Strategy, generator: torch.Generator, loss_impl: str,
     vocab_size: int, chunk_size: int | None, autocast: Callable[[], AbstractContextManager[None]],
     roles: tuple[str, ...] | None, sums: dict[str, float], grad_norms: list[float],
 ) -> None:
     """``ppo_update``'s PPO epochs x minibatches x micro-batches; adds to ``sums`` and ``grad_norms``."""
-    world = accelerator.num_processes
-    reduce_sum = (lambda x: accelerator.reduce(x, reduction="sum")) if world > 1 else (lambda x: x)
-    head = accelerator.unwrap_model(model).get_output_embeddings()
+    world = strategy.world
     device = batch.rollout.completion_ids_BT.device
     for epoch in range(optim.ppo_epochs):
         diagnose = optim.diagnostics and epoch == 0
         for rows in minibatches(batch.num_rows, optim.minibatch_size // world, generator, device):
             count = batch.rollout.completion_mask_BT[rows].sum().reshape(1)
             # DDP averages gradients over processes; our loss is a sum over all of them
-            normalizer = max(float(reduce_sum(count.clone())[0]), 1.0) / world
+            normalizer = max(float(strategy.reduce_sum(count.clone())[0]), 1.0) / world
             micro = micro_batches(batch.rollout, rows, size=optim.micro_batch_size,
                                   max_tokens=optim.max_tokens_per_micro_batch)
-            for j, r in enumerate(micro):
-                sync = j == len(micro) - 1 or world == 1
-                mb = batch.rows(r).trimmed()
-                with nullcontext() if sync else accelerator.no_sync(model), autocast():
-                    out = student_loss(model, head, obj, mb, normalizer=normalizer, impl=loss_impl,
-                                       vocab_size=vocab_size, chunk_size=chunk_size, diagnostics=diagnose)
-                    accelerator.backward(out.loss)
+            forwards = strategy.same_count(len(micro))  # FSDP: every process as many forwards (each all-gathers)
+            for j in range(forwards):
+                live = j < len(micro)  # a repeat past this process's own micro-batches adds nothing (weight 0)
+                mb = batch.rows(micro[min(j, len(micro) - 1)]).trimmed()
+                # optim.normalize=micro_batch (the public code's pipeline): this micro-batch's own token mean over
+                # this process's micro-batches, DDP's average weighing processes equally; no valid token gives 0
+                norm = normalizer if optim.normalize == "global" else max(float(mb.tokens.mask.sum()), 1.0) * len(micro)
+                with strategy.accumulating(model, last=j == forwards - 1), autocast():
+                    out = strategy.in_forward(model, student_loss, obj, mb, normalizer=norm, impl=loss_impl,
+                                              vocab_size=vocab_size, chunk_size=chunk_size,
+                                              diagnostics=diagnose and live)
+                    strategy.backward(out.loss if live else out.loss * 0.0)
+                if not live:
+                    continue
                 if epoch == 0:
                     merge_metrics(sums, out.metrics, out.num_valid)
                 if diagnose and "grad_rkl_sq" in out.token_parts:
@@ -296,7 +308,7 @@ def _epochs(
                     merge_metrics(sums, role_sums(out.token_parts, mb, roles), 0)
             # the pre-clip norm is measured with clipping off too (an infinite max norm scales nothing)
             max_norm = optim.grad_clip if optim.grad_clip > 0 else float("inf")
-            grad_norms.append(float(accelerator.clip_grad_norm_(model.parameters(), max_norm)))
+            grad_norms.append(strategy.clip_grad_norm(model, max_norm))
             if optim.diagnostics:  # every update of the step, as grad_norm
                 coef = clip_coef(grad_norms[-1], optim.grad_clip)  # 1 with clipping off
                 merge_metrics(sums, {f"{RAW}diag/clip_coef": coef, f"{RAW}diag/updates": 1.0}, 0)
