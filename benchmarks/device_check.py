@@ -11,6 +11,8 @@ What it measures, at the paper's shapes with nothing downloaded:
    plus filler tokens, so the vocabulary is Qwen3's size; random models sample fillers and run to the token
    budget, which is what a throughput check wants). The task is arithmetic so no dataset is needed.
 
+   The same run again with the student sharded (``parallel.strategy=fsdp``, FSDP2 on one process: the
+   sharded path's wrapping, forward redirection, unsharded sampling and mixed precision on a GPU).
 3. ``benchmarks/sampler_throughput.py`` at Qwen3-0.6B's shape in bfloat16 (64 rows, a 1,024-token budget,
    geometric lengths of mean 128, 16 rows at once): the sampling engine eager and compiled against HF
    ``generate`` (its ``summary:`` line, quoted). ``--only sampler`` runs this part alone.
@@ -158,8 +160,9 @@ def sampler_summary(plan: Plan) -> str:
     return benchmark_summary("sampler_throughput.py", plan.sampler_args)
 
 
-def train_summary(plan: Plan, root: Path) -> dict[str, float]:
-    """Build both models, train ``plan.steps`` steps; throughput, peak memory and first-update ratio stats."""
+def train_summary(plan: Plan, root: Path, extra: tuple[str, ...] = ()) -> dict[str, float]:
+    """Build both models, train ``plan.steps`` steps (``extra``: further overrides); throughput, peak memory and
+    first-update ratio stats."""
     from eopd.config import load_config
     from eopd.training.trainer import train
 
@@ -171,7 +174,7 @@ def train_summary(plan: Plan, root: Path) -> dict[str, float]:
     recipe = yaml.safe_load(PAPER.read_text())
     recipe["data"].pop("chat_template_kwargs")  # Qwen3's thinking switch: the arithmetic task has no template
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    cfg = load_config(root / "recipe.yaml", run_overrides(plan, teacher, student, root / "run"))
+    cfg = load_config(root / "recipe.yaml", [*run_overrides(plan, teacher, student, root / "run"), *extra])
     if plan.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t1 = time.perf_counter()
@@ -190,7 +193,8 @@ def train_summary(plan: Plan, root: Path) -> dict[str, float]:
     return out
 
 
-def report(plan: Plan, loss: str | None, run: dict[str, float] | None, sampler: str) -> str:
+def report(plan: Plan, loss: str | None, run: dict[str, float] | None, sampler: str,
+           sharded: dict[str, float] | None = None) -> str:
     """The block to paste into docs (``loss`` and ``run`` None: the sampler part alone)."""
     gpu = torch.cuda.get_device_name(0) if plan.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     import transformers
@@ -198,6 +202,8 @@ def report(plan: Plan, loss: str | None, run: dict[str, float] | None, sampler: 
     lines = [f"=== eopd device check: {gpu}; torch {torch.__version__}, transformers {transformers.__version__} ==="]
     if loss is not None and run is not None:
         lines += train_lines(plan, loss, run)
+    if sharded is not None:
+        lines += sharded_lines(sharded)
     lines += [f"sampler, {' '.join(plan.sampler_args)}: {sampler}", "=== end ==="]
     return "\n".join(lines)
 
@@ -223,6 +229,17 @@ def train_lines(plan: Plan, loss: str, run: dict[str, float]) -> list[str]:
     ]
 
 
+def sharded_lines(run: dict[str, float]) -> list[str]:
+    """The block's lines on the same run with the student sharded (FSDP2, one process)."""
+    peak = f"{run['peak_gib']:.1f} GiB" if run["peak_gib"] == run["peak_gib"] else "n/a on the CPU"
+    return [
+        f"  sharded (parallel.strategy=fsdp, one process): {run['step_s']:.2f} s/step; tokens/s "
+        + "  ".join(f"{p}={run[f'tokens_per_s/{p}']:.0f}" for p in ("sample", "teacher", "update"))
+        + f"; peak {peak}; first step: "
+        + "  ".join(f"{k.split('/', 2)[2]}={run[k]:.6f}" for k in run if k.startswith("first/")),
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (CI keeps the script working)")
@@ -233,12 +250,16 @@ def main(argv: list[str] | None = None) -> None:
     plan = CPU_SMOKE if args.cpu_smoke else GPU
     if plan.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("device_check: no CUDA device here; run with --cpu-smoke on a CPU")
-    loss, run = None, None
+    loss, run, sharded = None, None, None
     if args.only is None:
         loss = loss_summary(plan)
         with tempfile.TemporaryDirectory(dir=args.root) as tmp:
             run = train_summary(plan, Path(tmp))
-    print(report(plan, loss, run, sampler_summary(plan)), flush=True)
+        with tempfile.TemporaryDirectory(dir=args.root) as tmp:
+            sharded = train_summary(plan, Path(tmp), ("parallel.strategy=fsdp",))
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # the one-process group FSDP made for itself
+    print(report(plan, loss, run, sampler_summary(plan), sharded), flush=True)
 
 
 if __name__ == "__main__":

@@ -33,3 +33,6 @@ def test_cpu_smoke_prints_the_block_without_the_packages_the_gpu_machine_lacks(t
     stats = {k: float(v) for k, v in re.findall(r"(ratio_mean|ratio_min|ratio_max|sampler_gap_max)=([-\d.e]+)", body)}
     assert abs(stats["ratio_mean"] - 1) < 1e-3 and stats["ratio_min"] <= 1 <= stats["ratio_max"], body
     assert stats["sampler_gap_max"] < 1e-4, body  # the learner's old log-probs are its own (fp32 on the CPU)
+    sharded = body[body.index("sharded (parallel.strategy=fsdp"):].splitlines()[0]
+    first = {k: float(v) for k, v in re.findall(r"(ratio_mean|sampler_gap_max)=([-\d.e]+)", sharded)}
+    assert abs(first["ratio_mean"] - 1) < 1e-3 and first["sampler_gap_max"] < 1e-4, sharded  # the same path, sharded
