@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory_levers import MIB, REPO, build_models, reset_high_water_mark, status_bytes
+from memory_levers import MIB, REPO, build_models, meters
 
 #: The arms, as config overrides: DDP, FSDP (one reduce-scatter per minibatch: gradients accumulate unsharded
 #: over its micro-batches) and FSDP reducing after every micro-batch (sharded gradients only).
@@ -65,9 +65,7 @@ def worker(config: list[str], device: str, result: Path) -> None:
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", config)
     cuda = device.startswith("cuda")
-    now = torch.cuda.memory_allocated if cuda else (lambda: status_bytes("VmRSS"))
-    high = torch.cuda.max_memory_allocated if cuda else (lambda: status_bytes("VmHWM"))
-    reset = torch.cuda.reset_peak_memory_stats if cuda else reset_high_water_mark
+    now, high, reset = meters(device)
     base = now()
     c = build_components(cfg)
     built = now() - base

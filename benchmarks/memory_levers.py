@@ -58,6 +58,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +138,14 @@ def run_overrides(args: argparse.Namespace, lever: Lever, extra: tuple[str, ...]
             f"max_steps={args.steps}", *extra]
 
 
+def meters(device: str) -> tuple[Callable[[], int], Callable[[], int], Callable[[], None]]:
+    """``(now, high, reset)``: bytes in use, their high-water mark, and restarting that mark (CUDA's allocator on a
+    GPU; the resident set's ``VmRSS`` / ``VmHWM`` on a CPU)."""
+    if device.startswith("cuda"):
+        return torch.cuda.memory_allocated, torch.cuda.max_memory_allocated, torch.cuda.reset_peak_memory_stats
+    return (lambda: status_bytes("VmRSS")), (lambda: status_bytes("VmHWM")), reset_high_water_mark
+
+
 def worker(overrides: list[str], device: str) -> dict[str, float]:
     """Build one run, train its steps; bytes above the resident set before loading."""
     from eopd.config import load_config
@@ -145,9 +154,7 @@ def worker(overrides: list[str], device: str) -> dict[str, float]:
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
     cuda = device.startswith("cuda")
-    now = torch.cuda.memory_allocated if cuda else (lambda: status_bytes("VmRSS"))
-    high = torch.cuda.max_memory_allocated if cuda else (lambda: status_bytes("VmHWM"))
-    reset = torch.cuda.reset_peak_memory_stats if cuda else reset_high_water_mark
+    now, high, reset = meters(device)
     base = now()
     c = build_components(cfg)
     with torch.no_grad():  # transformers may map safetensors lazily: make every weight resident now

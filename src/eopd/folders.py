@@ -86,7 +86,7 @@ def atomic_folder(final: str | Path, *, keep_existing: bool = False) -> Iterator
             if not keep_existing:
                 raise FolderExistsError(f"{str(final)!r} appeared while it was being written; it was kept and "
                                         "the new copy discarded") from None
-        _fsync_dir(final.parent)
+        _fsync(final.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -106,27 +106,13 @@ def _fsync_tree(root: Path) -> None:
     unsynced files can leave them empty or truncated under the final name)."""
     for folder, _, files in os.walk(root):
         for name in files:
-            _fsync_file(Path(folder) / name)
+            _fsync(Path(folder) / name)
     for folder, _, _ in os.walk(root, topdown=False):
-        _fsync_dir(Path(folder))
+        _fsync(Path(folder))
 
 
-def _fsync_file(path: Path) -> None:
-    """Flush one file's data to disk (best effort, like ``_fsync_dir``)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Flush a folder's entries to disk (best effort; not every filesystem supports it)."""
+def _fsync(path: Path) -> None:
+    """Flush a file's data or a folder's entries to disk (best effort; not every filesystem supports it)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
