@@ -38,7 +38,6 @@ from eopd.training.components import Components, build_components
 from eopd.training.resume import claim_output_dir
 from eopd.training.sharding import OPTIMIZER_DIR
 from eopd.training.step_metrics import reduce_step
-from eopd.training.teacher_metrics import split_teacher_roles, with_teacher_roles
 from eopd.training.update import ppo_update
 
 
@@ -66,8 +65,7 @@ def step(c: Components) -> dict[str, float]:
     t1 = time.perf_counter()
     lr = c.optimizer.param_groups[0]["lr"]
     sums, grad_norms = ppo_update(
-        c.model, with_teacher_roles(batch) if several and cfg.optim.diagnostics else batch, obj=c.obj,
-        optim=cfg.optim, optimizer=c.optimizer, scheduler=c.scheduler,
+        c.model, batch, obj=c.obj, optim=cfg.optim, optimizer=c.optimizer, scheduler=c.scheduler,
         strategy=c.strategy, generator=c.generators["shuffle"], loss_impl=cfg.loss_impl,
         vocab_size=c.vocab_size, chunk_size=cfg.chunk_size, autocast=c.autocast)
     t2 = time.perf_counter()
@@ -75,7 +73,6 @@ def step(c: Components) -> dict[str, float]:
     c.state.updates += c.updates_per_step
     c.state.data_position += r.prompts_per_step
 
-    split_teacher_roles(sums)
     sums.update({k: sums.get(k, 0.0) + v for k, v in batch.token_sums.items()})
     metrics, tokens, rows, grad_norm = reduce_step(
         sums, tokens=float(batch.rollout.completion_mask_BT.sum()), rows=float(batch.num_rows),

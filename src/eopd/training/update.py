@@ -158,12 +158,36 @@ def role_sums(parts: dict[str, Tensor], batch: Batch, names: tuple[str, ...]) ->
     if batch.tokens.teacher_entropy is not None:
         values["teacher_entropy"] = valid_part(batch.tokens.teacher_entropy, valid_bT)
     values["gated_share"] = valid_part(batch.weights.gate, valid_bT)
-    # local role index of each name (-2 when absent here; -1 marks invalid positions)
-    local_R = torch.tensor([batch.role_names.index(n) if n in batch.role_names else -2 for n in names],
-                           device=role_N.device)
-    onehot_RN = (local_R.unsqueeze(1) == role_N.unsqueeze(0)).double()
-    sums_RF = (onehot_RN @ torch.stack(list(values.values()), dim=1)).tolist()
+    sums_RF = group_sums(values, role_N, batch.role_names, names)
     return {f"{RAW}role/{name}/{k}": sums_RF[r][f] for r, name in enumerate(names) for f, k in enumerate(values)}
+
+
+def teacher_sums(parts: dict[str, Tensor], batch: Batch) -> dict[str, float]:
+    """Token sums of the update's per-token parts (``ROLE_PARTS``) per teacher of one micro-batch of a run with
+    several teachers, ``teacher/NAME/<part>``, for every teacher of the run (0 without a token here, so every
+    process holds the same keys). Like every token sum they are divided by the step's token count after the sum
+    over processes, then by the teacher's share of the tokens (``eopd.teachers.finish_teacher_metrics``): means
+    over each teacher's own tokens, whatever the micro-batches and processes."""
+    assert batch.teacher_ids_BT is not None
+    valid_bT = batch.rollout.completion_mask_BT.bool()
+    values = {k: valid_part(parts[k], valid_bT) for k in ROLE_PARTS}
+    names = batch.teacher_names
+    sums_TF = group_sums(values, batch.teacher_ids_BT[valid_bT], names, names)
+    return {f"teacher/{name}/{k}": sums_TF[t][f] for t, name in enumerate(names) for f, k in enumerate(values)}
+
+
+def group_sums(values: dict[str, Tensor], group_N: Tensor, local: tuple[str, ...], names: tuple[str, ...]
+               ) -> list[list[float]]:
+    """``[G][F]`` sums of each ``[N]`` value (F of them) over the tokens of each group in ``names``.
+
+    Args:
+        values: Per-token values at the valid positions, ``[N]`` each.
+        group_N: Each token's group as an index into ``local`` (-1: no group).
+        local: This micro-batch's group names; names: the groups to report, in order (absent here: zeros).
+    """
+    local_G = torch.tensor([local.index(n) if n in local else -2 for n in names], device=group_N.device)
+    onehot_GN = (local_G.unsqueeze(1) == group_N.unsqueeze(0)).double()
+    return (onehot_GN @ torch.stack(list(values.values()), dim=1)).tolist()
 
 
 def all_role_names(names: tuple[str, ...], world: int) -> tuple[str, ...]:
@@ -306,6 +330,9 @@ def _epochs(
                     merge_metrics(sums, grad_sums(out.token_parts, mb, normalizer * world), 0)
                 if diagnose and roles is not None:
                     merge_metrics(sums, role_sums(out.token_parts, mb, roles), 0)
+                if epoch == 0 and mb.teacher_ids_BT is not None:  # several teachers: each one's loss and terms
+                    for k, v in teacher_sums(out.token_parts, mb).items():
+                        sums[k] = sums.get(k, 0.0) + v
             # the pre-clip norm is measured with clipping off too (an infinite max norm scales nothing)
             max_norm = optim.grad_clip if optim.grad_clip > 0 else float("inf")
             grad_norms.append(strategy.clip_grad_norm(model, max_norm))
