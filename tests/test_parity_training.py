@@ -10,6 +10,8 @@ models, and each micro-batch's gradient on its own.
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -23,7 +25,8 @@ from eopd.training.collect import Batch
 from eopd.training.components import Components, build_components
 from eopd.training.update import ppo_update, student_loss
 
-from .rehearsal_grads import full_batch, record_grads_before_step
+from .rehearsal_grads import full_batch, record_grads_before_step, uneven_batch
+from .test_process_count import ENV, TINY, TORCHRUN
 from .test_trainer import tiny_cfg
 
 ALIGNED = ("loss.official_alignment=true", "rollout.max_new_tokens=6")
@@ -130,16 +133,26 @@ def token_sum_grads(c: Components, mb: Batch) -> dict[str, torch.Tensor]:
     return grads
 
 
-def update_grads(c: Components, batch: Batch, normalize: str) -> dict[str, torch.Tensor]:
-    """The gradient the first update applies, one minibatch of the 4 rows in 2 micro-batches of 2, in order."""
+def update_grads(c: Components, batch: Batch, normalize: str
+                 ) -> tuple[dict[str, torch.Tensor], list[tuple[float, float]]]:
+    """The gradient the first update applies, one minibatch of the 4 rows in 2 micro-batches of 2, in order, and
+    each micro-batch's ``(loss, loss_sum)`` as the update backpropagated it."""
     optim = dataclasses.replace(c.cfg.optim, minibatch_size=4, micro_batch_size=2, grad_clip=0.0, ppo_epochs=1,
                                 recompute_logp_old=False, normalize=normalize)
     grads = record_grads_before_step(c)
-    with mock.patch.object(eopd.training.update, "minibatches", lambda *a, **k: [torch.arange(4)]):
+    losses: list[tuple[float, float]] = []
+
+    def recording(*args, **kwargs):
+        out = student_loss(*args, **kwargs)
+        losses.append((float(out.loss.detach()), float(out.loss_sum.detach())))
+        return out
+
+    with mock.patch.object(eopd.training.update, "minibatches", lambda *a, **k: [torch.arange(4)]), \
+            mock.patch.object(eopd.training.update, "student_loss", recording):
         ppo_update(c.model, batch, obj=c.obj, optim=optim, optimizer=c.optimizer, scheduler=c.scheduler,
                    strategy=c.strategy, generator=torch.Generator().manual_seed(0), loss_impl=c.cfg.loss_impl,
                    vocab_size=c.vocab_size, chunk_size=None)
-    return grads
+    return grads, losses
 
 
 @pytest.mark.parametrize("aligned", [False, True])
@@ -151,25 +164,58 @@ def test_micro_batch_normalisation_divides_each_micro_batch_by_its_own_count(tin
     batch, groups, (n1, n2) = two_micro_batches(c)
     assert n1 < n2
     g1, g2 = (token_sum_grads(c, batch.rows(g)) for g in groups)
-    got = update_grads(c, batch, "micro_batch")
-    global_grads = update_grads(build_components(tiny_cfg(tiny_models, tmp_path / "run2", *extra)), batch, "global")
+    got, losses = update_grads(c, batch, "micro_batch")
+    global_grads, global_losses = update_grads(build_components(tiny_cfg(tiny_models, tmp_path / "run2", *extra)),
+                                               batch, "global")
+    # each micro-batch's loss is its token sum over 2 n_j (micro_batch) or over n1 + n2 (global)
+    for (loss, loss_sum), n in zip(losses, (n1, n2), strict=True):
+        assert loss == pytest.approx(loss_sum / (2 * n), rel=1e-6)
+    for loss, loss_sum in global_losses:
+        assert loss == pytest.approx(loss_sum / (n1 + n2), rel=1e-6)
     for name, grad in got.items():
         torch.testing.assert_close(grad, g1[name] / (2 * n1) + g2[name] / (2 * n2), rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(global_grads[name], (g1[name] + g2[name]) / (n1 + n2), rtol=1e-4, atol=1e-7)
     assert any(not torch.allclose(got[n], global_grads[n], rtol=1e-2) for n in got)
 
 
-def test_a_micro_batch_without_valid_tokens_adds_zero_not_nan(tiny_models, tmp_path) -> None:
+@pytest.mark.parametrize("impl", ["fused", "plain"])
+def test_a_micro_batch_without_valid_tokens_adds_zero_not_nan(tiny_models, tmp_path, impl) -> None:
     """The public code divides by the micro-batch's count: 0 / 0 = NaN. Ours adds 0; the other micro-batch keeps
     its weight 1 / (2 n2)."""
-    c = build_components(tiny_cfg(tiny_models, tmp_path / "run"))
+    c = build_components(tiny_cfg(tiny_models, tmp_path / "run", f"loss_impl={impl}"))
     batch, groups, (n1, n2) = two_micro_batches(c, empty_first=True)
     assert n1 == 0 < n2
     g2 = token_sum_grads(c, batch.rows(groups[1]))
-    got = update_grads(c, batch, "micro_batch")
+    got, losses = update_grads(c, batch, "micro_batch")
+    assert losses[0] == (0.0, 0.0)
+    assert losses[1][0] == pytest.approx(losses[1][1] / (2 * n2), rel=1e-6)
     for name, grad in got.items():
         assert torch.isfinite(grad).all(), name
         torch.testing.assert_close(grad, g2[name] / (2 * n2), rtol=1e-4, atol=1e-7)
+
+
+def test_two_processes_weigh_equally_under_micro_batch_normalisation(tiny_models, tmp_path) -> None:
+    """Two processes, one micro-batch each, of n_0 != n_1 valid tokens: the synchronised gradient is the mean of
+    the two processes' token means, (g_0 / n_0 + g_1 / n_1) / 2, not the global (g_0 + g_1) / (n_0 + n_1)."""
+    overrides = ("optim.normalize=micro_batch", "optim.recompute_logp_old=false")
+    base = [f"models.teacher={tiny_models['teacher']}", f"models.student={tiny_models['student']}",
+            f"output_dir={tmp_path / 'two'}", "num_threads=1", "tensorboard=false", *overrides]
+    prefix = tmp_path / "grads"
+    script = str(Path(__file__).with_name("rehearsal_grads.py"))
+    proc = subprocess.run([*TORCHRUN, script, str(prefix), TINY, *base], capture_output=True, text=True, timeout=300,
+                          env=ENV)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    two = torch.load(f"{prefix}.rank0.pt", weights_only=False)
+    c = build_components(tiny_cfg(tiny_models, tmp_path / "one", *overrides))
+    batch, _ = uneven_batch(c)
+    assert torch.equal(batch.rollout.completion_ids_BT, two["completion_ids"])  # the same batch
+    halves = [torch.arange(r, batch.num_rows, 2) for r in (0, 1)]
+    n = [int(batch.rollout.completion_mask_BT[h].sum()) for h in halves]
+    assert n[0] != n[1]
+    g = [token_sum_grads(c, batch.rows(h)) for h in halves]
+    for name, grad in two["grads"].items():
+        torch.testing.assert_close(grad, (g[0][name] / n[0] + g[1][name] / n[1]) / 2, rtol=1e-4, atol=1e-7)
+    assert any(not torch.allclose(two["grads"][k], (g[0][k] + g[1][k]) / sum(n), rtol=1e-2) for k in two["grads"])
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -177,6 +223,7 @@ def test_a_micro_batch_without_valid_tokens_adds_zero_not_nan(tiny_models, tmp_p
      "in-process teacher"),
     (("objective=opd", "loss.official_alignment=true"), "official_alignment reproduces the public code's top-k"),
     (("optim.normalize=token",), "optim.normalize: must be global or micro_batch"),
+    (("loss.official_alignment=maybe",), "official_alignment must be true or false, got 'maybe'"),
 ])
 def test_the_parity_options_refuse_what_they_cannot_do_in_one_line(tiny_models, tmp_path, overrides, message) -> None:
     with pytest.raises(ConfigError, match=message) as err:

@@ -50,7 +50,7 @@ def hand_case(aligned: bool) -> tuple[torch.Tensor, TokenBatch]:
     logits = torch.tensor(Q, dtype=torch.float64).log().unsqueeze(0).requires_grad_(True)
     p = torch.tensor(P, dtype=torch.float64)
     ids = torch.tensor(IDS)
-    tokens = torch.tensor([TOKENS + [0]])  # the third position is the one after the response (pad token)
+    tokens = torch.tensor([[*TOKENS, 0]])  # the third position is the one after the response (pad token)
     mask = torch.tensor([[1.0, 1.0, 0.0]])
     logp_old = torch.tensor([[math.log(Q[0][1]), math.log(Q[1][5]), 0.0]], dtype=torch.float64)
     batch = TokenBatch(
@@ -89,7 +89,8 @@ def test_the_last_token_takes_the_distribution_after_the_response() -> None:
     that term reaches position 2's logits: ``(q_2 - p~_2) / 2``."""
     logits, batch = hand_case(aligned=True)
     out = objective(ObjectiveConfig.preset("eopd", official_alignment=True, tau=0.05), logits, batch)
-    assert float(out.loss.detach()) == pytest.approx((RKL[0] + RKL[1] + FKL[1] + FKL[2]) / 2, abs=1e-11)  # 2.118338720346
+    # (RKL_0 + RKL_1 + FKL_1 + FKL_2) / 2 = 2.118338720346
+    assert float(out.loss.detach()) == pytest.approx((RKL[0] + RKL[1] + FKL[1] + FKL[2]) / 2, abs=1e-11)
     out.loss.backward()
     # (q_2 - p~_2) / 2 with p~_2 = [.5, .3, .1, .05] / .95 on ids 0..3
     want = torch.tensor([-0.013157894737, -0.057894736842, -0.002631578947, 0.023684210526, 0.025, 0.025],

@@ -112,6 +112,8 @@ class ObjectiveConfig:
             (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
             (self.divergence is not None or self.rkl != "none" or self.fkl != "none",
              "objective has no term: set rkl, fkl or divergence"),
+            (isinstance(self.official_alignment, bool),
+             f"official_alignment must be true or false, got {self.official_alignment!r}"),
             (not self.official_alignment or (self.divergence is None and self.fkl == "topk"
                                              and self.weighting == "additive"),
              "official_alignment reproduces the public code's top-k forward KL: it needs fkl='topk', additive "

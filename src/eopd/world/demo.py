@@ -7,7 +7,9 @@
    ``eopd train`` subprocess with periodic evaluation on the world's held-out prompts.
 3. Write ``report.md`` (the world, mean ± std over seeds, pass@k for k = 1..8, the command and the config)
    and PNG plots: pass@1 / pass@8 / distinct correct paths over steps, final pass@k against k, and the
-   histogram of teacher entropy on base-student samples with the gate.
+   histogram of teacher entropy on base-student samples with the gate. With several settings, also the
+   accuracy-diversity frontier: pass@8 against pass@1 of every setting at every evaluation step
+   (``frontier.png``), and whether any ``eopd`` setting reaches a point no ``opd`` setting reaches.
 
 Why the recipe comes in layers: the shared recipe and budgets live in ``configs/demo.yaml``, while what
 suits one world (its objectives' learning rates, its sampling budget) lives in that world's file
@@ -44,12 +46,20 @@ from eopd.world.build import (
     world_names,
 )
 from eopd.world.report import (
+    FrontierPoint,
+    Reach,
     RunResult,
+    frontier_points,
+    frontier_table,
+    grouped,
     markdown_table,
     paired_table,
     plot_curves,
     plot_entropy_histogram,
+    plot_frontier,
     plot_pass_at_k,
+    reach,
+    reach_answer,
 )
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -362,9 +372,48 @@ def pass_at_k_columns(results: list[RunResult], base: dict[str, float] | None) -
     return [(f"pass@{k}", f"k={k}", 3) for k in ks]
 
 
+def frontier(results: list[RunResult]) -> tuple[list[FrontierPoint], list[str], list[Reach]]:
+    """The frontier of the runs: every setting's points (paired against the first setting), the ``opd``
+    settings (the incumbents) and, when ``eopd`` settings ran too, whether each ``eopd`` point is beyond every
+    ``opd`` point (``report.reach``). Settings are told apart by their preset (``parse_variant``)."""
+    names = list(grouped(results))
+    points = frontier_points(results, names[0])
+    preset = {name: parse_variant(name)[0] for name in names}
+    opd = [n for n in names if preset[n] == "opd"]
+    eopd = [n for n in names if preset[n] == "eopd"]
+    return points, opd, reach(results, points, eopd, opd) if opd and eopd else []
+
+
+def frontier_section(out: Path, results: list[RunResult], plan: DemoPlan) -> list[str]:
+    """The report's frontier section and ``frontier.png`` (several settings only)."""
+    points, opd, verdicts = frontier(results)
+    reference = points[0].objective
+    plot = plot_frontier(points, out / "frontier.png", incumbents=opd,
+                         title=f"world {plan.world_name}: seed means at every evaluation step; bars = 95% paired "
+                               f"interval vs {reference}")
+    answer = reach_answer(verdicts) if verdicts else (
+        "(The question whether an `eopd` setting reaches a point no `opd` setting reaches needs settings of both.)")
+    return [
+        "## Accuracy against diversity: the frontier",
+        "",
+        "Every setting at every evaluation step is a point (pass@1 = Avg@8, pass@8; means over seeds); the "
+        "step-0 points are the base student. Differences are paired by seed against "
+        f"`{reference}` at the same step (95% t interval); the dashed line in `frontier.png` is the front of the "
+        "`opd` settings' points.",
+        "",
+        answer,
+        "",
+        f"![frontier]({plot.name})",
+        "",
+        frontier_table(points, reference, verdicts),
+        "",
+    ]
+
+
 def write_report(out: Path, results: list[RunResult], base: dict[str, float] | None, plan: DemoPlan,
                  command: str, seconds: float, entropies: list[float], tau: float) -> Path:
-    """``report.md`` plus three PNG plots: curves over steps, final pass@k against k, teacher entropy."""
+    """``report.md`` plus PNG plots: curves over steps, final pass@k against k, teacher entropy and, with several
+    settings, the frontier (``frontier_section``)."""
     from eopd.world.build import config_dict
 
     curves = plot_curves(results, [("avg@n", "pass@1 (Avg@8)"), ("pass@8", "pass@8"),
@@ -410,6 +459,7 @@ def write_report(out: Path, results: list[RunResult], base: dict[str, float] | N
         "",
         f"![teacher entropy]({hist.name})",
         "",
+        *(frontier_section(out, results, plan) if len({r.objective for r in results}) > 1 else []),
         "## Run config",
         "",
         "```yaml",
@@ -501,6 +551,9 @@ def run_demo(plan: DemoPlan, out: Path, *, workers: int, cache_dir: str | None, 
     print(f"[demo] report: {report}  (plots: {out / 'curves.png'}, {out / 'pass_at_k.png'}, "
           f"{out / 'teacher_entropy.png'})")
     print(markdown_table(results, COLUMNS, baseline=base))
+    verdicts = frontier(results)[2] if len({r.objective for r in results}) > 1 else []
+    if verdicts:
+        print(reach_answer(verdicts))
     return report
 
 
