@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from eopd.config import read_yaml_mapping
+from eopd.world.build import build_world
 from eopd.world.demo import (
     DEMO_CONFIG,
     RunSpec,
@@ -29,7 +30,6 @@ from eopd.world.demo import (
     teacher_entropy_on_student_samples,
     write_report,
 )
-from eopd.world.build import build_world
 
 
 def main(argv: list[str]) -> None:

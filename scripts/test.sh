@@ -9,5 +9,5 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0"
 .venv/bin/pip install -q --disable-pip-version-check -e ".[dev,peft]"  # peft: the LoRA tests run too
-.venv/bin/ruff check src tests benchmarks
+.venv/bin/ruff check src tests benchmarks scripts
 .venv/bin/python -m pytest "$@"
