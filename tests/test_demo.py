@@ -205,8 +205,7 @@ def test_world_flag_wiring_and_one_line_errors(tmp_path, capsys, monkeypatch) ->
 
 
 def test_pass_at_k_table_columns_and_plot(tmp_path) -> None:
-    from eopd.world.demo import pass_at_k_columns
-    from eopd.world.report import plot_pass_at_k
+    from eopd.world.report import pass_at_k_columns, plot_pass_at_k
 
     runs = [RunResult("opd", s, {"avg@n": 0.5, **{f"pass@{k}": 0.5 + 0.04 * k + 0.01 * s for k in range(1, 11)}})
             for s in range(2)]

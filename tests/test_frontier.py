@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from eopd.world.demo import DemoPlan, frontier, frontier_section
-from eopd.world.report import RunResult, frontier_points, pareto, reach_answer
+from eopd.world.frontier import frontier, frontier_points, frontier_section, pareto, reach_answer
+from eopd.world.report import RunResult
 
 BASE = ([0.40, 0.41, 0.42], [0.85, 0.84, 0.86])  # step 0 of every run: the base student, per seed
 AT_100 = {  # (pass@1 per seed, pass@8 per seed) at step 100
@@ -67,8 +67,7 @@ def test_points_are_seed_means_paired_against_the_first_setting_at_the_same_step
 
 
 def test_the_report_section_holds_the_answer_the_table_and_the_plot(tmp_path) -> None:
-    plan = DemoPlan(objectives=list(AT_100), seeds=[0, 1, 2], max_steps=100, eval_every=100, eval_problems=10)
-    lines = frontier_section(tmp_path, runs(), plan)
+    lines = frontier_section(tmp_path, runs(), "multi-path")
     text = "\n".join(lines)
     assert "Yes." in text and "![frontier](frontier.png)" in text
     # pass@1 - opd@100 per seed [-.01 0 -.01]: mean -.0067, half-width 4.303 * .00577 / sqrt 3 = .0143
@@ -76,4 +75,4 @@ def test_the_report_section_holds_the_answer_the_table_and_the_plot(tmp_path) ->
            "beyond |" in text
     assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     only_eopd = [r for r in runs() if r.objective.startswith("eopd")]
-    assert "needs settings of both" in "\n".join(frontier_section(tmp_path, only_eopd, plan))
+    assert "needs settings of both" in "\n".join(frontier_section(tmp_path, only_eopd, "multi-path"))

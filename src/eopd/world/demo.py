@@ -45,21 +45,18 @@ from eopd.world.build import (
     world_document,
     world_names,
 )
+from eopd.world.frontier import frontier, frontier_section, reach_answer
 from eopd.world.report import (
-    FrontierPoint,
-    Reach,
+    COLUMNS,
+    DIAG_COLUMNS,
+    PAIRED_COLUMNS,
     RunResult,
-    frontier_points,
-    frontier_table,
-    grouped,
     markdown_table,
     paired_table,
+    pass_at_k_columns,
     plot_curves,
     plot_entropy_histogram,
-    plot_frontier,
     plot_pass_at_k,
-    reach,
-    reach_answer,
 )
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -341,75 +338,6 @@ def teacher_entropy_on_student_samples(teacher_path: Path, student_path: Path, t
     return scores.entropy_BT[r.completion_mask_BT.bool()].tolist()
 
 
-COLUMNS = [
-    ("avg@n", "pass@1 (Avg@8)", 3),
-    ("pass@8", "pass@8", 3),
-    ("distinct_correct_paths", "distinct correct paths /8", 2),
-    ("reference_path_share", "share of base path", 3),
-    ("mean_entropy", "student entropy (eval)", 3),
-    ("train/teacher_entropy", "teacher entropy (train)", 3),
-    ("train/gated_share", "gated share (train)", 3),
-]
-
-
-#: Late-training diagnostics (mean over the last 20% of steps; docs/metrics.md, Diagnostics).
-DIAG_COLUMNS = [
-    ("diag/grad_rkl", "RKL logit-grad norm", 4),
-    ("diag/grad_fkl", "FKL logit-grad norm", 4),
-    ("diag/grad_cos", "cos(RKL, FKL)", 3),
-    ("diag/clip_coef", "clip coefficient", 3),
-    ("grad_norm", "grad norm (pre-clip)", 2),
-    ("ppo/clip_frac", "PPO clip fraction", 4),
-]
-#: The paired comparison's metrics (final evaluation).
-PAIRED_COLUMNS = [("avg@n", "pass@1", 3), ("pass@8", "pass@8", 3), ("distinct_correct_paths", "distinct paths", 2)]
-
-
-def pass_at_k_columns(results: list[RunResult], base: dict[str, float] | None) -> list[tuple[str, str, int]]:
-    """``(pass@k, k, decimals)`` for every k the evaluation logged (``1..eval.n``), in order of k."""
-    keys = {k for r in results for k in r.final} | set(base or {})
-    ks = sorted(int(m.group(1)) for k in keys if (m := re.fullmatch(r"pass@(\d+)", k)))
-    return [(f"pass@{k}", f"k={k}", 3) for k in ks]
-
-
-def frontier(results: list[RunResult]) -> tuple[list[FrontierPoint], list[str], list[Reach]]:
-    """The frontier of the runs: every setting's points (paired against the first setting), the ``opd``
-    settings (the incumbents) and, when ``eopd`` settings ran too, whether each ``eopd`` point is beyond every
-    ``opd`` point (``report.reach``). Settings are told apart by their preset (``parse_variant``)."""
-    names = list(grouped(results))
-    points = frontier_points(results, names[0])
-    preset = {name: parse_variant(name)[0] for name in names}
-    opd = [n for n in names if preset[n] == "opd"]
-    eopd = [n for n in names if preset[n] == "eopd"]
-    return points, opd, reach(results, points, eopd, opd) if opd and eopd else []
-
-
-def frontier_section(out: Path, results: list[RunResult], plan: DemoPlan) -> list[str]:
-    """The report's frontier section and ``frontier.png`` (several settings only)."""
-    points, opd, verdicts = frontier(results)
-    reference = points[0].objective
-    plot = plot_frontier(points, out / "frontier.png", incumbents=opd,
-                         title=f"world {plan.world_name}: seed means at every evaluation step; bars = 95% paired "
-                               f"interval vs {reference}")
-    answer = reach_answer(verdicts) if verdicts else (
-        "(The question whether an `eopd` setting reaches a point no `opd` setting reaches needs settings of both.)")
-    return [
-        "## Accuracy against diversity: the frontier",
-        "",
-        "Every setting at every evaluation step is a point (pass@1 = Avg@8, pass@8; means over seeds); the "
-        "step-0 points are the base student. Differences are paired by seed against "
-        f"`{reference}` at the same step (95% t interval); the dashed line in `frontier.png` is the front of the "
-        "`opd` settings' points.",
-        "",
-        answer,
-        "",
-        f"![frontier]({plot.name})",
-        "",
-        frontier_table(points, reference, verdicts),
-        "",
-    ]
-
-
 def write_report(out: Path, results: list[RunResult], base: dict[str, float] | None, plan: DemoPlan,
                  command: str, seconds: float, entropies: list[float], tau: float) -> Path:
     """``report.md`` plus PNG plots: curves over steps, final pass@k against k, teacher entropy and, with several
@@ -459,7 +387,7 @@ def write_report(out: Path, results: list[RunResult], base: dict[str, float] | N
         "",
         f"![teacher entropy]({hist.name})",
         "",
-        *(frontier_section(out, results, plan) if len({r.objective for r in results}) > 1 else []),
+        *(frontier_section(out, results, plan.world_name) if len({r.objective for r in results}) > 1 else []),
         "## Run config",
         "",
         "```yaml",
