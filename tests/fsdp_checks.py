@@ -31,6 +31,7 @@ from eopd.config import load_config
 from eopd.models import load_causal_lm
 from eopd.sampling import sample
 from eopd.training.components import Components, build_components
+from eopd.training.sharding import close_process_group
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script under torchrun
 from rehearsal_grads import record_grads_before_step, step_on_rollout, uneven_batch, uneven_rollout
@@ -143,4 +144,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    finally:
+        close_process_group()

@@ -27,6 +27,7 @@ from eopd.config import load_config
 from eopd.sampling import sample
 from eopd.training.collect import step_prompt_indices
 from eopd.training.components import build_components
+from eopd.training.sharding import close_process_group
 from eopd.training.trainer import step
 
 
@@ -59,4 +60,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    finally:
+        close_process_group()

@@ -38,6 +38,7 @@ from eopd.config import load_config
 from eopd.sampling.rollout import Rollout, sample
 from eopd.training.collect import Batch, collect_batch, step_prompt_indices
 from eopd.training.components import Components, build_components, make_generators
+from eopd.training.sharding import close_process_group
 from eopd.training.trainer import evaluate, step
 from eopd.training.update import minibatches, ppo_update
 
@@ -183,4 +184,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    finally:
+        close_process_group()

@@ -24,6 +24,8 @@ def run_command(prog: str, body: Callable[[], int | None], *, also: tuple[type[E
     """
     import torch
 
+    from eopd.training.sharding import close_process_group
+
     threads = torch.get_num_threads()
     try:
         return int(body() or 0)
@@ -34,5 +36,4 @@ def run_command(prog: str, body: Callable[[], int | None], *, also: tuple[type[E
         return 130
     finally:
         torch.set_num_threads(threads)  # in-process callers (tests, the demo) keep their setting
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        close_process_group()

@@ -374,6 +374,18 @@ def build_strategy(cfg: TrainConfig, accelerator: Any, device: torch.device, com
     return FullyShard(mesh, compute_dtype, cfg.parallel.reduce_every_micro_batch)
 
 
+def close_process_group() -> None:
+    """Close the process group, if any: what every program launched by ``torchrun`` does before it exits.
+
+    Left to the interpreter's exit, gloo's threads can abort a process that finished its work ("terminate called
+    without an active exception", SIGABRT), and ``torchrun`` then reports the whole run as failed.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _ensure_process_group(device: torch.device) -> None:
     """A one-process group when none was launched (FSDP2 needs one even alone; accelerate makes none then)."""
     import torch.distributed as dist
