@@ -49,8 +49,8 @@ def test_every_eopd_point_gets_its_verdict_against_every_opd_point() -> None:
     assert witnesses["eopd[optim.lr=1e-5]@100"] == ["opd@0", "opd[optim.lr=1e-3]@0"]
     answer = reach_answer(verdicts)
     assert answer.startswith("**Does any EOPD setting reach a point that no OPD setting reaches?** Yes.")
-    assert "Of 4 EOPD points" in answer and "1 lie beyond every OPD point" in answer
-    assert "2 are dominated" in answer and "1 are unresolved" in answer
+    assert "Of 4 EOPD points" in answer and "1 lies beyond every OPD point" in answer
+    assert "2 are dominated" in answer and "1 is unresolved" in answer
     assert "`eopd[loss.alpha=5]@100` (pass@1 0.467, pass@8 0.883)" in answer
 
 
