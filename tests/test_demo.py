@@ -84,7 +84,7 @@ def correct_count_histogram(pass_at: list[float], problems: int) -> np.ndarray:
 
 
 def test_correct_count_histogram_tells_the_unbiased_pass_at_k_from_another() -> None:
-    from eopd.evaluation.loop import pass_at_k
+    from eopd.evaluation.results import pass_at_k
 
     correct = [0, 0, 1, 3, 8, 8, 5, 2]  # 8 problems, 8 samples each
     unbiased = [sum(pass_at_k(8, c, k) for c in correct) / 8 for k in range(1, 9)]

@@ -29,11 +29,11 @@ from eopd.evaluation.backends import (
     topk_entropy,
 )
 from eopd.evaluation.comparison import compare_results, paired_bootstrap
-from eopd.evaluation.loop import (
+from eopd.evaluation.loop import evaluate_problems
+from eopd.evaluation.results import (
     CompletionRecord,
     ProblemRecord,
     benchmark_metrics,
-    evaluate_problems,
     pass_at_k,
     write_results,
 )

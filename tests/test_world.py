@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from eopd.commands.world import main as world_cli
 from eopd.config import ConfigError
-from eopd.evaluation.loop import pass_at_k
+from eopd.evaluation.results import pass_at_k
 from eopd.folders import FolderExistsError
 from eopd.models.char_tokenizer import build_char_tokenizer
 from eopd.models.loading import load_causal_lm, load_tokenizer

@@ -6,7 +6,7 @@ Read-me-first map of the package:
 - ``eopd.sampling.rollout``  student sampling with a KV cache and an explicit ``torch.Generator``
 - ``eopd.teachers``  teacher scoring (entropy, top-k, sampled-token log-probs): in-process, served, several routed
 - ``eopd.training.trainer``  one flat on-policy loop: sample -> score -> loss -> AdamW
-- ``eopd.evaluation.loop`` Avg@k, unbiased pass@k, math benchmarks
+- ``eopd.evaluation`` Avg@k, unbiased pass@k, math benchmarks
 - ``eopd.tasks``    prompts + graders (synthetic multi-path arithmetic, math benchmarks)
 """
 

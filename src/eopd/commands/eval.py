@@ -35,7 +35,8 @@ from eopd.commands.arguments import (
     seed,
 )
 from eopd.evaluation import compare_results, load_results
-from eopd.evaluation.loop import DEFAULT_MAX_NEW_TOKENS, MathGrading, evaluate_problems, write_results
+from eopd.evaluation.loop import DEFAULT_MAX_NEW_TOKENS, MathGrading, evaluate_problems
+from eopd.evaluation.results import write_results
 from eopd.tasks.benchmarks import PAPER_BENCHMARKS, PROMPT_SUFFIX
 
 

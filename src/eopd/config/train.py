@@ -20,7 +20,7 @@ from eopd.config.sections import (
     RolloutConfig,
 )
 from eopd.config.teachers import RoutingConfig, TeacherConfig, TeacherSpec, check_teachers
-from eopd.losses.objectives import ObjectiveConfig
+from eopd.losses.spec import ObjectiveConfig
 
 
 def check_official_alignment(cfg: TrainConfig) -> None:

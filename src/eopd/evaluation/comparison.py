@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from eopd.errors import UserError
-from eopd.evaluation.loop import RESULTS_FORMAT, format_percent, pass_at_k
+from eopd.evaluation.results import RESULTS_FORMAT, format_percent, pass_at_k
 
 
 class ComparisonError(UserError, ValueError):

@@ -1,7 +1,8 @@
 """Pure loss functions for on-policy distillation (math in float32, NaN-safe masking).
 
 ``divergences`` (token-level divergences on full logits), ``sampled`` (estimators on sampled tokens),
-``weights`` (entropy weighting, adaptive tau), ``objectives`` (the composed objective and its presets),
+``weights`` (entropy weighting, adaptive tau), ``spec`` (the objective's config, presets and per-position types),
+``objectives`` (the composed objective),
 ``fused`` (the chunked lm_head + loss path that never materialises ``[N, V]``), ``topk_entropy`` (the
 entropy gate from a teacher that serves only top-k log-probs), ``alignment`` (the public code's one-position
 offset of the forward-KL term, ``official_alignment``).
@@ -26,11 +27,6 @@ from eopd.losses.divergences import (
 )
 from eopd.losses.fused import FusedOutput, fused_objective, reference_objective
 from eopd.losses.objectives import (
-    PRESETS,
-    ObjectiveConfig,
-    ObjectiveOutput,
-    TokenBatch,
-    TokenWeights,
     objective,
     prepare_weights,
     sparse_token_losses,
@@ -39,6 +35,7 @@ from eopd.losses.objectives import (
 )
 from eopd.losses.sampled import importance_weighted_fkl, ppo_clipped_surrogate, sampled_rkl_advantage
 from eopd.losses.scoring import TokenScores, score_chunked, score_from_logits, with_teacher_scores
+from eopd.losses.spec import PRESETS, ObjectiveConfig, ObjectiveOutput, TokenBatch, TokenWeights
 from eopd.losses.topk_entropy import gate_undecided, topk_entropy_bounds, topk_entropy_estimate
 from eopd.losses.weights import AdaptiveTau, entropy_quantile, entropy_weight
 

@@ -57,10 +57,6 @@ import torch.nn.functional as F
 from eopd.losses import divergences as D
 from eopd.losses.objectives import (
     DIAG_KEYS,
-    ObjectiveConfig,
-    ObjectiveOutput,
-    TokenBatch,
-    TokenWeights,
     has_term_split,
     logit_grad_parts,
     objective,
@@ -84,6 +80,7 @@ from eopd.losses.scoring import (
     softmax_stats,
     used_weight,
 )
+from eopd.losses.spec import ObjectiveConfig, ObjectiveOutput, TokenBatch, TokenWeights
 
 Tensor = torch.Tensor
 

@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 
 from eopd.losses import divergences as D
-from eopd.losses.objectives import TokenBatch
+from eopd.losses.spec import TokenBatch
 
 Tensor = torch.Tensor
 
