@@ -219,8 +219,8 @@ def test_two_processes_weigh_equally_under_micro_batch_normalisation(tiny_models
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (("loss.official_alignment=true", "teacher.url=http://127.0.0.1:9/v1"), "loss.official_alignment: needs one "
-     "in-process teacher"),
+    (("loss.official_alignment=true", "teachers.a.model=A", "teachers.b.model=B"), "loss.official_alignment: "
+     "supports one teacher"),
     (("objective=opd", "loss.official_alignment=true"), "official_alignment reproduces the public code's top-k"),
     (("optim.normalize=token",), "optim.normalize: must be global or micro_batch"),
     (("loss.official_alignment=maybe",), "official_alignment must be true or false, got 'maybe'"),

@@ -34,6 +34,7 @@ from eopd.teachers.wire.common import ResponseMismatchError, error_message, mode
 from eopd.teachers.wire.vllm import parse_completion_response
 from eopd.tracking import read_metrics
 from eopd.training.checkpoint import latest_checkpoint
+from eopd.training.collect import with_position_after, with_room_after
 from eopd.training.components import build_components
 from eopd.training.trainer import train
 
@@ -561,6 +562,34 @@ def test_sglang_server_scores_like_the_in_process_teacher_and_trains_alike(tiny_
     via_sglang = train(served_cfg(tiny_models, tmp_path / "sglang", servers["sglang"].url, "max_steps=2",
                                   "teacher.api=sglang", "teacher.entropy=exact"))
     assert_same_losses(in_process, via_sglang)
+
+
+@pytest.mark.parametrize(("name", "api"), [("exact", "vllm"), ("sglang", "sglang")])
+def test_official_alignment_through_a_server_scores_the_position_after_and_trains_alike(tiny_models, servers,
+                                                                                       tmp_path, name, api):
+    """``loss.official_alignment`` reads the teacher's top-k at each row's position after its last token. A served
+    teacher gets it without a new request shape: the row is sent with one more token (the pad column
+    ``with_room_after`` adds), whose prompt log-prob entry is the distribution after the last real token. Its
+    scores there equal the in-process teacher's, and training through the server equals training in process."""
+    tok, rollout, teacher = rollout_of(tiny_models)
+    V = len(tok)
+    scored = with_position_after(with_room_after(rollout, tok.pad_token_id))
+    after_BT = scored.completion_mask_BT.bool() & ~with_room_after(rollout, tok.pad_token_id).completion_mask_BT.bool()
+    assert int(after_BT.sum()) == rollout.completion_ids_BT.shape[0]  # one position after each row
+    served = ServedTeacher([servers[name].url], vocab_size=V, api=api, entropy="exact").connect(tok, top_k=5)
+    local = HFTeacher(teacher, V, 1.0).score(scored, top_k=5, want_logits=False)
+    got = served.score(scored, top_k=5, want_logits=False)
+    assert torch.equal(local.topk_ids_BTK[after_BT], got.topk_ids_BTK[after_BT])
+    assert torch.allclose(local.topk_logprobs_BTK[after_BT], got.topk_logprobs_BTK[after_BT], atol=2e-5)
+
+    aligned = ("max_steps=2", "loss.official_alignment=true")
+    in_process = train(served_cfg(tiny_models, tmp_path / "local", None, *aligned))
+    via_server = train(served_cfg(tiny_models, tmp_path / "served", servers[name].url, *aligned, f"teacher.api={api}",
+                                  "teacher.entropy=exact"))
+    assert_same_losses(in_process, via_server)
+    plain = train(served_cfg(tiny_models, tmp_path / "plain", servers[name].url, "max_steps=2", f"teacher.api={api}",
+                             "teacher.entropy=exact"))
+    assert plain[0]["fkl"] != pytest.approx(via_server[0]["fkl"], rel=1e-3)  # the switch moved the forward KL
 
 
 def test_the_completions_api_of_an_sglang_server_stops_at_start_naming_the_apis(tiny_models, servers):

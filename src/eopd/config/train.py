@@ -24,13 +24,14 @@ from eopd.losses.spec import ObjectiveConfig
 
 
 def check_official_alignment(cfg: TrainConfig) -> None:
-    """``loss.official_alignment`` scores one more position per row (the one after its last token): only the
-    in-process teacher can, one teacher at a time."""
+    """``loss.official_alignment`` scores one more position per row (the one after its last token), one teacher at
+    a time: in process, or served (the row is sent with one more token, whose prompt log-prob entry is that
+    distribution)."""
     if not cfg.objective_config().official_alignment:
         return
-    require(not cfg.teacher.urls and not cfg.teachers, "loss.official_alignment",
-            "needs one in-process teacher (models.teacher): it reads the teacher's top-k after the last token, which "
-            "a served teacher's prompt log-probs do not reach and several teachers do not support")
+    require(not cfg.teachers, "loss.official_alignment",
+            "supports one teacher (models.teacher, or teacher.url), not several (teachers.*): the position after each "
+            "row's last token is scored by the single-teacher path only")
 
 
 @dataclass

@@ -260,7 +260,7 @@ def collect_batch(
     teacher_ids_BT, teacher_names = None, ()
     if isinstance(teacher, TeacherSet):  # several teachers: each row its own scores and gate
         if obj.official_alignment:
-            raise ValueError("loss.official_alignment supports one in-process teacher, not several")
+            raise ValueError("loss.official_alignment supports one teacher, not several")
         if teacher_ids is None or adaptive is not None:
             raise ValueError("several teachers need each prompt's teacher (teacher_ids) and a fixed tau")
         ids_B = torch.tensor(teacher_ids, device=rollout.prompt_index_B.device)[rollout.prompt_index_B]
