@@ -139,6 +139,11 @@ def frontier_table(points: Sequence[FrontierPoint], reference: str, verdicts: Se
     return "\n".join(lines)
 
 
+def _counted(n: int, one: str, many: str) -> str:
+    """``n`` with its verb in agreement: ``"1 is"``, ``"3 are"``."""
+    return f"{n} {one if n == 1 else many}"
+
+
 def reach_answer(verdicts: Sequence[Reach], challenger: str = "EOPD", incumbent: str = "OPD",
                  decimals: int = 3) -> str:
     """One paragraph answering "does any challenger setting reach a point no incumbent setting reaches?"."""
@@ -146,16 +151,15 @@ def reach_answer(verdicts: Sequence[Reach], challenger: str = "EOPD", incumbent:
         return f"No {challenger} point after step 0 to compare."
     counts = {v: sum(r.verdict == v for r in verdicts) for v in ("beyond", "dominated", "unresolved")}
     beyond = [r for r in verdicts if r.verdict == "beyond"]
-    lie, are_dominated, are_unresolved = (f"{counts[v]} {verb[counts[v] == 1]}" for v, verb in
-                                          (("beyond", ("lie", "lies")), ("dominated", ("are", "is")),
-                                           ("unresolved", ("are", "is"))))
     head = (f"**Does any {challenger} setting reach a point that no {incumbent} setting reaches?** "
             + ("Yes." if beyond else "No, not resolved by these seeds." if counts["unresolved"] else "No."))
+    lie = _counted(counts["beyond"], "lies", "lie")
+    dominated, unresolved = (_counted(counts[v], "is", "are") for v in ("dominated", "unresolved"))
     body = (f" Of {len(verdicts)} {challenger} points (each setting at each evaluation step after 0), "
             f"{lie} beyond every {incumbent} point (every evaluation step of every {incumbent} "
             "setting, the base student at step 0 included: against each, pass@1 or pass@8 is higher with a "
-            f"seed-paired 95% interval above 0), {are_dominated} dominated (an {incumbent} point is at "
-            f"least as high on both, seed means) and {are_unresolved} unresolved. Intervals are per "
+            f"seed-paired 95% interval above 0), {dominated} dominated (an {incumbent} point is at "
+            f"least as high on both, seed means) and {unresolved} unresolved. Intervals are per "
             "comparison, not corrected for the number of comparisons.")
     named = ", ".join(f"`{r.point.label}` (pass@1 {r.point.x:.{decimals}f}, pass@8 {r.point.y:.{decimals}f})"
                       for r in beyond[:10])
