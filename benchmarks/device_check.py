@@ -39,25 +39,11 @@ from pathlib import Path
 
 import torch
 import yaml
+from qwen3_shapes import QWEN3_0_6B, QWEN3_1_7B, Shape
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "configs" / "paper" / "qwen3-0.6b-base.yaml"
 ALPHABET = "0123456789+=,;"
-QWEN3_TOKENIZER = 151_669
-QWEN3_ROWS = 151_936
-
-
-@dataclass(frozen=True)
-class Shape:
-    """A Qwen3 model's shape (``config.json`` of the Hugging Face release)."""
-
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    rows: int
 
 
 @dataclass(frozen=True)
@@ -65,9 +51,8 @@ class Plan:
     """Everything the mode decides."""
 
     device: str
-    student: Shape
+    student: Shape  # its vocab is the tokenizer's size
     teacher: Shape
-    tokenizer_size: int
     steps: int
     prompts: int
     minibatch: int
@@ -76,13 +61,12 @@ class Plan:
     sampler_args: tuple[str, ...] = ()
 
 
-GPU = Plan("cuda", Shape(1024, 28, 16, 8, 128, 3072, QWEN3_ROWS), Shape(2048, 28, 16, 8, 128, 6144, QWEN3_ROWS),
-           QWEN3_TOKENIZER, steps=20, prompts=32, minibatch=8, new_tokens=256,
+GPU = Plan("cuda", QWEN3_0_6B, QWEN3_1_7B, steps=20, prompts=32, minibatch=8, new_tokens=256,
            loss_args=("--device", "cuda", "--n", "8192", "--dtype", "bfloat16"),
            sampler_args=("--device", "cuda", "--dtype", "bfloat16", "--shape", "qwen3-0.6b", "--budget", "1024",
                          "--rows", "64", "--prompt-len", "64,256", "--repeats", "1", "--variants",
                          "generate,eager,compiled"))
-CPU_SMOKE = Plan("cpu", Shape(32, 2, 4, 2, 8, 64, 640), Shape(64, 2, 4, 2, 16, 128, 640), 600, steps=3, prompts=4,
+CPU_SMOKE = Plan("cpu", Shape(32, 2, 4, 2, 8, 64, 640, 600), Shape(64, 2, 4, 2, 16, 128, 640, 600), steps=3, prompts=4,
                  minibatch=2, new_tokens=12,
                  loss_args=("--device", "cpu", "--n", "64", "--vocab", "640", "--hidden", "32", "--repeats", "1"),
                  sampler_args=("--device", "cpu", "--rows", "8", "--budget", "32", "--repeats", "1", "--variants",
@@ -166,7 +150,7 @@ def train_summary(plan: Plan, root: Path, extra: tuple[str, ...] = ()) -> dict[s
     from eopd.config import load_config
     from eopd.training.trainer import train
 
-    tok = filler_tokenizer(plan.tokenizer_size)
+    tok = filler_tokenizer(plan.student.vocab)
     t0 = time.perf_counter()
     student = build_model(root / "student", plan.student, tok, plan.device, seed=1)
     teacher = build_model(root / "teacher", plan.teacher, tok, plan.device, seed=2)
@@ -216,7 +200,7 @@ def train_lines(plan: Plan, loss: str, run: dict[str, float]) -> list[str]:
         f"run: configs/paper/qwen3-0.6b-base.yaml shortened: {plan.steps} steps x {plan.prompts} prompts x "
         f"{plan.new_tokens} new tokens, minibatch {plan.minibatch}; random student {s.hidden}x{s.layers} "
         f"(Qwen3-0.6B shape when on GPU), teacher {t.hidden}x{t.layers}, {s.rows:,} lm_head rows, "
-        f"{plan.tokenizer_size:,}-token tokenizer",
+        f"{plan.student.vocab:,}-token tokenizer",
         f"  models built and saved in {run['build_s']:.0f} s; {plan.steps} steps in {run['train_s']:.0f} s "
         f"({run['step_s']:.2f} s/step after the first, {run['tokens_per_step']:.0f} completion tokens/step)",
         "  tokens/s (steps 2+): " + "  ".join(f"{p}={run[f'tokens_per_s/{p}']:.0f}" for p in ("sample", "teacher",

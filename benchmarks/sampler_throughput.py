@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from qwen3_shapes import QWEN3_0_6B, Shape
 
 from eopd.sampling import Rollout, sample
 from eopd.sampling.rollout import (
@@ -59,23 +60,9 @@ from eopd.sampling.rollout import (
 EOS, PAD = 2, 0
 
 
-@dataclass(frozen=True)
-class Shape:
-    """A Qwen3 shape and its tokenizer's vocabulary (lm_head rows past it are padding)."""
-
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    rows: int
-    vocab: int
-
-
 SHAPES = {
     "tiny": Shape(256, 4, 4, 2, 64, 768, 512, 500),
-    "qwen3-0.6b": Shape(1024, 28, 16, 8, 128, 3072, 151_936, 151_669),
+    "qwen3-0.6b": QWEN3_0_6B,
 }
 
 

@@ -29,6 +29,7 @@ import json
 from typing import Any
 
 import torch
+from qwen3_shapes import QWEN3_ROWS
 
 from eopd.losses.scoring import score_chunked
 from eopd.models.loading import build_tiny_qwen3
@@ -36,7 +37,6 @@ from eopd.sampling import completion_hidden_states, output_head
 from eopd.teachers.server import rollout_of
 from eopd.teachers.wire import sglang
 
-QWEN3_ROWS = 151_936
 DECODED = "abcd"  # the assumed decoded_token text of every vLLM entry (4 characters)
 SHAPES = ((256, 512), (256, 1024), (256, 4096))
 
