@@ -262,28 +262,37 @@ def test_topk_mode_trains_logs_the_undecided_share_and_matches_in_process_topk(t
 # -- (c) the server dies mid-run ----------------------------------------------------------------------------
 
 
-def test_killed_server_stops_the_run_with_one_line_and_resume_finishes(tiny_models, servers, tmp_path):
-    first = servers["vllm_like"]  # answers like vLLM: the run uses the top-k gate
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "eopd", "train", TINY, f"models.teacher={tiny_models['teacher']}",
-           f"models.student={tiny_models['student']}", f"output_dir={out}", f"teacher.url={first.url}",
-           *SMALL, *FAST_FAIL, "max_steps=500"]
+def train_until_the_server_dies(cmd: list[str], out: Path, server: Server, first_words: str) -> int:
+    """Run ``cmd`` (an ``eopd train`` of ``max_steps=500``) until it has logged two steps, SIGKILL ``server`` and
+    check that the run stopped as a dead teacher must stop it: exit 2, no traceback, one line on stderr that begins
+    with ``first_words``, and a checkpoint of the last complete step written by the failure (``save_every=0``).
+    Returns that step."""
     run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and len(read_metrics(out / "metrics.jsonl")) < 2 and run.poll() is None:
             time.sleep(0.1)
-        first.kill()
+        server.kill()
         stdout, stderr = run.communicate(timeout=120)
     finally:
         if run.poll() is None:
             run.kill()
     assert run.returncode == 2, stdout + stderr
     assert "Traceback" not in stdout + stderr
-    assert stderr.strip().count("\n") == 0 and stderr.startswith("eopd train: teacher server unavailable: "), stderr
+    assert stderr.strip().count("\n") == 0 and stderr.startswith(first_words), stderr
     done = len(read_metrics(out / "metrics.jsonl"))
     assert 2 <= done < 500 and f"teacher unavailable: checkpoint saved at step {done};" in stdout
-    assert latest_checkpoint(out).name == f"step_{done:06d}"  # written by the failure: save_every=0
+    assert latest_checkpoint(out).name == f"step_{done:06d}"
+    return done
+
+
+def test_killed_server_stops_the_run_with_one_line_and_resume_finishes(tiny_models, servers, tmp_path):
+    first = servers["vllm_like"]  # answers like vLLM: the run uses the top-k gate
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "eopd", "train", TINY, f"models.teacher={tiny_models['teacher']}",
+           f"models.student={tiny_models['student']}", f"output_dir={out}", f"teacher.url={first.url}",
+           *SMALL, *FAST_FAIL, "max_steps=500"]
+    done = train_until_the_server_dies(cmd, out, first, "eopd train: teacher server unavailable: ")
 
     port = int(first.url.split(":")[2].split("/")[0])
     restarted = Server(tiny_models["teacher"], "--no-entropy", port=port).wait()  # back on the same address
@@ -634,24 +643,11 @@ def test_a_served_teacher_of_several_that_dies_checkpoints_and_resume_finishes(t
              "teachers.remote.tau=1.2", "routing.by=hash", "models.teacher=", "models.build_teacher=null"]
     cmd = [sys.executable, "-m", "eopd", "train", TINY, f"models.student={tiny_models['student']}",
            f"output_dir={out}", *SMALL, *FAST_FAIL, *multi, "max_steps=500"]
-    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and len(read_metrics(out / "metrics.jsonl")) < 2 and run.poll() is None:
-            time.sleep(0.1)
-        served.kill()
-        stdout, stderr = run.communicate(timeout=120)
+        done = train_until_the_server_dies(cmd, out, served,
+                                           "eopd train: teachers.remote: teacher server unavailable: ")
     finally:
-        if run.poll() is None:
-            run.kill()
         served.stop()
-    assert run.returncode == 2, stdout + stderr
-    assert "Traceback" not in stdout + stderr
-    assert stderr.strip().count("\n") == 0, stderr
-    assert stderr.startswith("eopd train: teachers.remote: teacher server unavailable: "), stderr
-    done = len(read_metrics(out / "metrics.jsonl"))
-    assert 2 <= done < 500 and f"teacher unavailable: checkpoint saved at step {done};" in stdout
-    assert latest_checkpoint(out).name == f"step_{done:06d}"
 
     restarted = Server(tiny_models["teacher"], "--no-entropy", port=port).wait()
     try:
